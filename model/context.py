@@ -1,0 +1,61 @@
+"""Per-batch sequence bookkeeping passed through the decoder: document layout, rotary tables,
+attention mask and a collector for auxiliary losses. Built once per forward, read by every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+def segment_layout(cu_seqlens: torch.Tensor, batch: int, seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """From cu_seqlens [N+1] over the flattened B*T tokens, return (doc_ids, pos_in_doc), both [B, T].
+
+    Every row boundary must be a document boundary (the packer guarantees it).
+    """
+    total = batch * seqlen
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    doc_ids = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths,
+                                      output_size=total)
+    starts = cu_seqlens[:-1].repeat_interleave(lengths, output_size=total)
+    pos = torch.arange(total, device=cu_seqlens.device) - starts
+    return doc_ids.view(batch, seqlen), pos.view(batch, seqlen)
+
+
+@dataclass
+class SequenceContext:
+    """What the mixers need besides the hidden states.
+
+    cu_seqlens: [N+1] int64 document boundaries over the flattened B*T tokens.
+    doc_ids, pos_in_doc: [B, T]. cos, sin: [B, T, rotary_dim] fp32.
+    """
+
+    cu_seqlens: torch.Tensor
+    doc_ids: torch.Tensor
+    pos_in_doc: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    aux_losses: dict = field(default_factory=dict)
+    _mask: Optional[torch.Tensor] = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.doc_ids.shape[0]
+
+    @property
+    def seqlen(self) -> int:
+        return self.doc_ids.shape[1]
+
+    def attention_mask(self) -> torch.Tensor:
+        """[B, 1, T, T] bool: causal and block-diagonal over documents (True = attend)."""
+        if self._mask is None:
+            t = self.seqlen
+            causal = torch.ones(t, t, dtype=torch.bool, device=self.doc_ids.device).tril()
+            same_doc = self.doc_ids.unsqueeze(2) == self.doc_ids.unsqueeze(1)
+            self._mask = (same_doc & causal).unsqueeze(1)
+        return self._mask
+
+    def add_aux_loss(self, name: str, value: torch.Tensor) -> None:
+        self.aux_losses[name] = self.aux_losses.get(name, 0.0) + value

@@ -1,0 +1,109 @@
+"""The run's configuration schema (Hydra structured configs) and its cross-field checks.
+
+Each group's dataclass is registered in Hydra's ConfigStore; the YAML files under configs/ are merged
+onto these schemas, so a wrong type or an unknown key fails at composition. `validate_config` then
+checks the rules that span fields. Both run before any model, process group or file is created.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+
+from data.config import DataConfig
+from model.config import ConfigError, ModelConfig
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    grad_accum: int = 1                 # micro-batches per optimizer step
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1           # final lr = lr * min_lr_ratio
+    warmup_steps: int = 10
+    schedule: str = "cosine"            # cosine | wsd | constant
+    wsd_decay_fraction: float = 0.2     # WSD: share of the steps spent decaying at the end
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0              # max global grad norm; 0 disables clipping
+    seed: int = 0
+    device: str = "auto"                # auto | cpu | cuda
+    autocast: str = "auto"              # auto (bf16 where the device has fast bf16) | bf16 | none
+    resume: str = "auto"                # auto (latest committed checkpoint, if any) | never | a path
+    init_from: Optional[str] = None     # checkpoint to take model weights from at step 0
+    log_interval: int = 1
+    peak_flops: Optional[float] = None  # per-device peak for MFU; None: known GPU table or measured
+    max_consecutive_bad_steps: int = 5  # non-finite loss/grad steps in a row before stopping
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 100                 # steps between checkpoints; 0 disables periodic saves
+    keep_last: int = 3                  # committed checkpoints kept; 0 keeps all
+    dir: Optional[str] = None           # default: <run_dir>/checkpoints
+    save_final: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "offline"              # online | offline | disabled
+    project: str = "qwen35-pretrain"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class RootConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run_dir: str = "runs/default"
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=RootConfig)
+
+
+def _choice(value, allowed, fld):
+    if value not in allowed:
+        raise ConfigError(f"{fld}={value!r}: must be one of {', '.join(map(repr, allowed))}")
+
+
+def validate_config(cfg: RootConfig) -> RootConfig:
+    """Cross-field rules; raises ConfigError naming the field, the value and the rule."""
+    cfg.model.validate("model")
+    if hasattr(cfg.data, "validate"):
+        cfg.data.validate()
+    t = cfg.train
+    for fld in ("max_steps", "grad_accum", "log_interval"):
+        if getattr(t, fld) < 1:
+            raise ConfigError(f"train.{fld}={getattr(t, fld)!r}: must be >= 1")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr={t.lr!r}: must be > 0")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio!r}: must be in [0, 1]")
+    if not 0 <= t.warmup_steps <= t.max_steps:
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps!r}: must be in [0, "
+                          f"train.max_steps={t.max_steps}]")
+    _choice(t.schedule, ("cosine", "wsd", "constant"), "train.schedule")
+    if t.schedule == "wsd" and not 0 < t.wsd_decay_fraction <= 1:
+        raise ConfigError(f"train.wsd_decay_fraction={t.wsd_decay_fraction!r}: must be in (0, 1]")
+    _choice(t.device, ("auto", "cpu", "cuda"), "train.device")
+    _choice(t.autocast, ("auto", "bf16", "none"), "train.autocast")
+    if t.grad_clip < 0:
+        raise ConfigError(f"train.grad_clip={t.grad_clip!r}: must be >= 0 (0 disables clipping)")
+    if t.peak_flops is not None and t.peak_flops <= 0:
+        raise ConfigError(f"train.peak_flops={t.peak_flops!r}: must be > 0 or null (measured)")
+    c = cfg.checkpoint
+    if c.interval < 0:
+        raise ConfigError(f"checkpoint.interval={c.interval!r}: must be >= 0 (0 disables)")
+    if c.keep_last < 0:
+        raise ConfigError(f"checkpoint.keep_last={c.keep_last!r}: must be >= 0 (0 keeps all)")
+    _choice(cfg.logging.wandb, ("online", "offline", "disabled"), "logging.wandb")
+    return cfg

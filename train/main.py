@@ -1,0 +1,96 @@
+"""Entry point: `python -m train.main [experiment=NAME] [group=option] [key=value ...]`.
+
+Composes the Hydra config tree under configs/, checks it (types, unknown keys, cross-field rules),
+writes the resolved config into the run directory and trains. A bad config stops here with one
+line naming the field, the value and the rule, before any model, process group or file exists.
+Flags: --cfg prints the resolved config and exits; --help lists the config groups.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from model.config import ConfigError
+from train.config import RootConfig, register_configs, validate_config
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+log = logging.getLogger("train")
+
+
+def load_config(overrides: list[str]) -> RootConfig:
+    """Compose configs/config.yaml with `overrides`; raise ConfigError on any invalid value."""
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            composed = compose(config_name="config", overrides=overrides)
+        cfg = OmegaConf.to_object(composed)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_one_line(e)) from None
+    try:
+        return validate_config(cfg)
+    except ValueError as e:  # data/ raises plain ValueError with the same kind of message
+        raise ConfigError(str(e)) from None
+
+
+def _one_line(e: BaseException) -> str:
+    """Hydra and OmegaConf spread a message over several lines and a chain of causes (the override,
+    then the key and the reason); fold them into one line with the key and the reason."""
+    lines: list[str] = []
+    while e is not None:
+        for ln in str(e).splitlines():
+            ln = ln.strip()
+            if ln and ln not in lines and not ln.startswith(
+                    ("object_type=", "reference_type=", "Set the environment", "Config search path",
+                     "provider=", "To append", "invalid literal")) and "$VALUE" not in ln:
+                lines.append(ln)
+        e = e.__cause__ or e.__context__
+    return " | ".join(lines)
+
+
+def setup_logging(run_dir: Path) -> None:
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for h in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "train.log")):
+        h.setFormatter(fmt)
+        root.addHandler(h)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in args or "-h" in args:
+        print(__doc__)
+        print("config groups:", ", ".join(sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())))
+        for group in sorted(p for p in CONFIG_DIR.iterdir() if p.is_dir()):
+            print(f"  {group.name}: {', '.join(sorted(f.stem for f in group.glob('*.yaml')))}")
+        return 0
+    show = "--cfg" in args
+    args = [a for a in args if a != "--cfg"]
+    try:
+        cfg = load_config(args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if show:
+        print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        return 0
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
+    setup_logging(run_dir)
+    from train.trainer import Trainer  # heavy imports only once the config is known to be good
+
+    Trainer(cfg, run_dir).fit()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

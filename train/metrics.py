@@ -1,0 +1,95 @@
+"""Run outputs: metrics.jsonl (one JSON object per logged step), the console line, wandb, and the
+peak FLOP/s that MFU is measured against."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+log = logging.getLogger("train")
+
+# Dense bf16 tensor-core peaks (FLOP/s) of common training GPUs, by name fragment.
+GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "B200": 2250e12,
+                 "GB200": 2500e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
+
+
+def peak_flops(device: torch.device, configured: Optional[float]) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the figure came from)."""
+    if configured:
+        return configured, "train.peak_flops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for frag, peak in GPU_PEAK_BF16.items():
+            if frag in name:
+                return peak, f"table ({name})"
+        return measure_matmul_flops(device, torch.bfloat16), f"measured bf16 matmul ({name})"
+    return measure_matmul_flops(device, torch.float32), "measured fp32 matmul (cpu)"
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024,
+                         seconds: float = 0.3) -> float:
+    """Best achieved FLOP/s of an n x n matmul over ~`seconds`: the CPU's practical peak."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+class MetricsLogger:
+    """Appends one JSON object per logged step to <run_dir>/metrics.jsonl and mirrors it to wandb."""
+
+    def __init__(self, run_dir: Path, wandb_mode: str, project: str, run_name: Optional[str],
+                 config: dict[str, Any], enabled: bool = True):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.wandb = None
+        if enabled and wandb_mode != "disabled":
+            import wandb  # imported only when used: it is slow to import
+
+            self.wandb = wandb.init(mode=wandb_mode, project=project, name=run_name,
+                                    dir=str(run_dir), config=config, resume="allow")
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: _jsonable(v) for k, v in record.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps(clean) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in clean.items() if isinstance(v, (int, float))},
+                           step=clean["step"])
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _jsonable(v):
+    if isinstance(v, torch.Tensor):
+        v = v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def console_line(r: dict[str, Any], max_steps: int) -> str:
+    parts = [f"step {r['step']}/{max_steps}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}",
+             f"gnorm {r['grad_norm']:.3f}", f"{r['tokens_per_s'] / 1e3:.1f}k tok/s",
+             f"mfu {100 * r['mfu']:.2f}%"]
+    if "expert_load_imbalance" in r:
+        parts.append(f"imbalance {r['expert_load_imbalance']:.2f}")
+    if r.get("skipped_steps"):
+        parts.append(f"skipped {r['skipped_steps']}")
+    return " | ".join(parts)

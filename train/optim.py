@@ -1,0 +1,59 @@
+"""AdamW with weight-decay groups, and the learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from train.config import TrainConfig
+
+# Parameters that set scales or decay rates rather than features: decaying them towards 0 would
+# change what the layer computes, not regularise it.
+NO_DECAY_SUFFIXES = ("bias", "A_log", "dt_bias")
+
+
+def no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf in NO_DECAY_SUFFIXES or "norm" in name or param.ndim < 2
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if no_weight_decay(name, p) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    on_cuda = any(p.is_cuda for p in model.parameters())
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             fused=on_cuda or None, foreach=None if on_cuda else True)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of cfg.lr for the optimizer step `step` (0-based).
+
+    cosine: linear warmup, then cosine from 1 to min_lr_ratio at max_steps.
+    wsd:    linear warmup, constant, then a linear decay to min_lr_ratio over the last
+            wsd_decay_fraction of the steps.
+    """
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    floor = cfg.min_lr_ratio
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "cosine":
+        span = max(cfg.max_steps - cfg.warmup_steps, 1)
+        progress = min((step - cfg.warmup_steps) / span, 1.0)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay_steps = max(int(round(cfg.max_steps * cfg.wsd_decay_fraction)), 1)
+    decay_start = cfg.max_steps - decay_steps
+    if step < decay_start:
+        return 1.0
+    progress = min((step - decay_start + 1) / decay_steps, 1.0)
+    return 1.0 - (1.0 - floor) * progress
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))

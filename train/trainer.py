@@ -1,0 +1,195 @@
+"""The single-process training loop: micro-batches -> loss -> clip -> AdamW step -> metrics ->
+checkpoints, with exact resume."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from data.text_loader import build_loader
+from model.language_model import Qwen35LM
+from model.moe import collect_expert_load, update_router_bias
+from model.params import count_params, train_flops_per_token
+from train import checkpoint as ckpt
+from train.config import RootConfig
+from train.metrics import MetricsLogger, console_line, peak_flops
+from train.optim import build_optimizer, build_scheduler
+from train.precision import autocast, autocast_dtype, resolve_device
+
+log = logging.getLogger("train")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: RootConfig, run_dir: Path):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.device = resolve_device(cfg.train.device)
+        self.amp_dtype = autocast_dtype(cfg.train.autocast, self.device)
+        seed_everything(cfg.train.seed)
+
+        self.model = Qwen35LM(cfg.model).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        self.loader = build_loader(cfg.data)
+        self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
+        self.step = 0
+        self.skipped_steps = 0
+        self.bad_streak = 0
+
+        counts = count_params(self.model)
+        self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len, counts)
+        self.peak_flops, peak_source = peak_flops(self.device, cfg.train.peak_flops)
+        log.info("model %s: %.2fM parameters, %.2fM active per token, %.3g train FLOPs/token",
+                 cfg.model.name, counts.total / 1e6, counts.active / 1e6, self.flops_per_token)
+        log.info("device %s, autocast %s, peak %.3g FLOP/s (%s)", self.device,
+                 self.amp_dtype or "off (fp32)", self.peak_flops, peak_source)
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"step": self.step, "scheduler": self.scheduler.state_dict(),
+                "rng": ckpt.rng_state(), "data": self.loader.state_dict(),
+                "skipped_steps": self.skipped_steps, "bad_streak": self.bad_streak}
+
+    def save(self) -> Path:
+        path = ckpt.save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer,
+                                    self._extra_state(), self.cfg.checkpoint.keep_last)
+        log.info("checkpoint committed: %s", path)
+        return path
+
+    def restore(self) -> None:
+        """Resume per train.resume; else take weights from train.init_from if given."""
+        mode = self.cfg.train.resume
+        path: Optional[Path] = None
+        if mode == "auto":
+            path = ckpt.latest_checkpoint(self.ckpt_dir)
+        elif mode != "never":
+            path = Path(mode)
+            if not (path / ckpt.MARKER).exists():
+                raise FileNotFoundError(f"train.resume={mode!r}: not a committed checkpoint "
+                                        f"(no {ckpt.MARKER} file in it)")
+        if path is None:
+            if self.cfg.train.init_from:
+                ckpt.load_model_weights(self.cfg.train.init_from, self.model)
+                log.info("initialised weights from %s", self.cfg.train.init_from)
+            return
+        extra = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        self.step = extra["step"]
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.loader.load_state_dict(extra["data"])
+        ckpt.set_rng_state(extra["rng"])
+        self.skipped_steps = extra["skipped_steps"]
+        self.bad_streak = extra["bad_streak"]
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ---- one optimizer step --------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, Any]:
+        cfg = self.cfg.train
+        batches = [next(self.loader) for _ in range(cfg.grad_accum)]
+        total_tokens = max(sum(b["num_tokens"] for b in batches), 1)
+        sums: dict[str, float] = {}
+        self.optimizer.zero_grad(set_to_none=True)
+        for b in batches:
+            # Token-weighted so that accumulation equals one large batch.
+            weight = b["num_tokens"] / total_tokens
+            with autocast(self.device, self.amp_dtype):
+                out = self.model(b["input_ids"].to(self.device),
+                                 position_ids=b["position_ids"].to(self.device),
+                                 cu_seqlens=b["cu_seqlens"].to(self.device),
+                                 labels=b["labels"].to(self.device))
+            (out.loss * weight).backward()
+            for name in ("loss", "ce", "mtp_ce", "moe_aux", "moe_z"):
+                value = getattr(out, name)
+                if value is not None:
+                    sums[name] = sums.get(name, 0.0) + weight * value.detach().float().item()
+
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        grad_norm = float(grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+
+        finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.bad_streak = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self.bad_streak += 1
+            log.warning("step %d skipped: loss=%s grad_norm=%s", self.step + 1, sums["loss"], grad_norm)
+            if self.bad_streak >= cfg.max_consecutive_bad_steps:
+                raise RuntimeError(
+                    f"{self.bad_streak} consecutive steps with non-finite loss or gradients "
+                    f"(last: step {self.step + 1}, loss={sums['loss']}, grad_norm={grad_norm}, "
+                    f"lr={lr:.3e}); lower train.lr, raise train.warmup_steps or check the data")
+        self.scheduler.step()
+        self.step += 1
+
+        record = {"step": self.step, **sums, "lr": lr, "grad_norm": grad_norm,
+                  "tokens": sum(b["input_ids"].numel() for b in batches),
+                  "loss_tokens": total_tokens, "skipped_steps": self.skipped_steps}
+        record.update(self._expert_load_metrics(finite))
+        return record
+
+    def _expert_load_metrics(self, update_bias: bool) -> dict[str, Any]:
+        load = collect_expert_load(self.model)
+        if load is None:
+            return {}
+        if update_bias and self.cfg.model.router_bias_balancing:
+            update_router_bias(self.model, load, self.cfg.model.router_bias_update_rate)
+        per_layer = (load.max(dim=1).values / load.mean(dim=1).clamp(min=1e-9)).tolist()
+        return {"expert_load_imbalance": sum(per_layer) / len(per_layer),
+                "expert_load_imbalance_max": max(per_layer),
+                "expert_load_imbalance_per_layer": [round(x, 4) for x in per_layer]}
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def fit(self) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.restore()
+        metrics = MetricsLogger(self.run_dir, cfg.logging.wandb, cfg.logging.project,
+                                cfg.logging.run_name,
+                                OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+        history = []
+        last_saved = self.step
+        try:
+            while self.step < cfg.train.max_steps:
+                t0 = time.perf_counter()
+                record = self.train_step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                dt = time.perf_counter() - t0
+                record["step_time_s"] = dt
+                record["tokens_per_s"] = record["tokens"] / dt
+                record["mfu"] = self.flops_per_token * record["tokens_per_s"] / self.peak_flops
+                history.append(record)
+                if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.max_steps:
+                    metrics.log(record)
+                    log.info(console_line(record, cfg.train.max_steps))
+                if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+                    self.save()
+                    last_saved = self.step
+            if cfg.checkpoint.save_final and last_saved != self.step:
+                self.save()
+        finally:
+            metrics.close()
+        return history
