@@ -36,21 +36,32 @@ def make_inputs(b, t, h, dk, dv, dtype, device, seed=0):
     return [x.to(device=device, dtype=dtype) for x in (q, k, v, g, beta, h0)]
 
 
-def time_fwd_bwd(fn, inputs, repeats, warmup):
-    """Median seconds of forward + backward of sum(o * do) + sum(S * dS)."""
+def fwd_bwd(fn, leaves):
+    """Seconds for one forward + backward of mean(o^2) + mean(S^2); returns (seconds, o)."""
+    for x in leaves:
+        x.grad = None
+    start = time.perf_counter()
+    o, s = fn(*leaves)
+    (o.float().square().mean() + s.float().square().mean()).backward()
+    if leaves[0].is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, o.detach()
+
+
+def time_interleaved(rows, inputs, warmup):
+    """Median fwd+bwd seconds per row. Rows take turns each repeat, so load from other processes
+    on a shared machine hits every implementation alike."""
     leaves = [x.detach().clone().requires_grad_() for x in inputs]
-    times = []
-    for i in range(warmup + repeats):
-        for x in leaves:
-            x.grad = None
-        start = time.perf_counter()
-        o, s = fn(*leaves)
-        (o.float().square().mean() + s.float().square().mean()).backward()
-        if leaves[0].is_cuda:
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), o.detach()
+    for _, fn, reps in rows:
+        for _ in range(warmup if reps > 1 else 0):
+            fwd_bwd(fn, leaves)
+    times, outs = {name: [] for name, _, _ in rows}, {}
+    for i in range(max(reps for _, _, reps in rows)):
+        for name, fn, reps in rows:
+            if i < reps:
+                sec, outs[name] = fwd_bwd(fn, leaves)
+                times[name].append(sec)
+    return {name: statistics.median(t) for name, t in times.items()}, outs
 
 
 def main():
@@ -93,17 +104,12 @@ def main():
 
     print(f"gated delta rule fwd+bwd: B={args.batch} T={args.seqlen} H={args.heads} K={args.dk} V={args.dv} "
           f"{args.dtype} {args.device} threads={torch.get_num_threads()}")  # fmt: skip
-    results, ref_out = [], None
-    for name, fn, reps in rows:
-        sec, out = time_fwd_bwd(fn, inputs, reps, args.warmup if reps > 1 else 0)
-        ref_out = out if ref_out is None else ref_out
-        err = (out.float() - ref_out.float()).abs().max().item()
-        results.append((name, sec, reps, err))
-    base = results[0][1]
+    med, outs = time_interleaved(rows, inputs, args.warmup)
+    base, ref = med[rows[0][0]], outs[rows[0][0]].float()
     print(f"{'impl':<26}{'fwd+bwd ms':>12}{'repeats':>9}{'x vs hf':>9}{'max|o-o_hf|':>13}")
-    for name, sec, reps, err in results:
-        print(f"{name:<26}{sec * 1e3:>12.1f}{reps:>9}{base / sec:>9.2f}{err:>13.2e}")
-
+    for name, _, reps in rows:
+        err = (outs[name].float() - ref).abs().max().item()
+        print(f"{name:<26}{med[name] * 1e3:>12.1f}{reps:>9}{base / med[name]:>9.2f}{err:>13.2e}")
 
 if __name__ == "__main__":
     main()

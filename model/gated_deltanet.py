@@ -10,7 +10,7 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.context import SequenceContext
-from model.norm import GatedRMSNorm
+from model.norm import GatedRMSNorm, at_least_fp32
 from model.ops.gated_delta import chunk_gated_delta_rule
 
 
@@ -72,9 +72,10 @@ class GatedDeltaNet(nn.Module):
         q = q.reshape(1, b * t, self.num_k_heads, self.head_k_dim)
         k = k.reshape(1, b * t, self.num_k_heads, self.head_k_dim)
         v = v.reshape(1, b * t, self.num_v_heads, self.head_v_dim)
-        beta = torch.sigmoid(self.in_proj_b(x).float()).reshape(1, b * t, self.num_v_heads)
+        beta = torch.sigmoid(at_least_fp32(self.in_proj_b(x))).reshape(1, b * t, self.num_v_heads)
         # fp32: softplus and exp of the decay lose too much in bf16.
-        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())
+        a = at_least_fp32(self.in_proj_a(x))
+        g = -self.A_log.to(a.dtype).exp() * F.softplus(a + self.dt_bias.to(a.dtype))
         g = g.reshape(1, b * t, self.num_v_heads)
         o, _ = chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=ctx.cu_seqlens,
                                       use_qk_l2norm_in_kernel=True)

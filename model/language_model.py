@@ -13,7 +13,7 @@ from model.config import ModelConfig
 from model.context import SequenceContext, segment_layout
 from model.decoder import DecoderLayer, MTPBlock
 from model.moe import GroupedExperts, TopKRouter
-from model.norm import GatedRMSNorm, RMSNorm
+from model.norm import GatedRMSNorm, RMSNorm, at_least_fp32
 from model.rope import RotaryEmbedding
 
 
@@ -145,6 +145,6 @@ def shift_left(x: torch.Tensor, k: int, fill: int) -> torch.Tensor:
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean CE over labels != -100 in fp32; 0 (with a graph) when there is none. [B,T,V],[B,T] -> []"""
-    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+    loss = F.cross_entropy(at_least_fp32(logits).flatten(0, 1), labels.flatten(), ignore_index=-100,
                            reduction="sum")
     return loss / (labels != -100).sum().clamp(min=1)

@@ -19,7 +19,10 @@ from model.mlp import SwiGLU
 
 
 class TopKRouter(nn.Module):
-    """Scores tokens against experts. x [N, D] -> (probs [N, E] fp32, idx [N, k], weights [N, k] fp32)."""
+    """Scores tokens against experts in fp32 (fp64 for fp64 inputs).
+
+    x [N, D] -> (logits [N, E], probs [N, E], idx [N, k], weights [N, k]).
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -34,8 +37,9 @@ class TopKRouter(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts), persistent=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        # fp32 softmax: routing decisions must not flip with the activation dtype.
-        logits = F.linear(x.float(), self.weight.float())
+        # At least fp32: routing decisions must not flip with the activation dtype.
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        logits = F.linear(x.to(dtype), self.weight.to(dtype))
         probs = logits.softmax(dim=-1)
         scores = probs + self.expert_bias if self.use_bias_balancing else probs
         _, idx = scores.topk(self.top_k, dim=-1)
@@ -87,9 +91,24 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         offs = tokens_per_expert.cumsum(0).to(torch.int32)
-        gate_up = F.grouped_mm(x, self.gate_up_proj.to(x.dtype).transpose(1, 2), offs=offs)
-        gate, up = gate_up.chunk(2, dim=-1)
-        return F.grouped_mm(F.silu(gate) * up, self.down_proj.to(x.dtype).transpose(1, 2), offs=offs)
+        gate, up = grouped_matmul(x, self.gate_up_proj, offs).chunk(2, dim=-1)
+        return grouped_matmul(F.silu(gate) * up, self.down_proj, offs)
+
+
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows offs[e-1]:offs[e] of x times w[e]^T, for all experts e in one call.
+
+    x: [M, K], w: [E, N, K], offs: [E] int32 cumulative row counts -> [M, N] in x's dtype.
+    """
+    w = w.to(x.dtype)
+    if x.dtype in GROUPED_MM_DTYPES:
+        return F.grouped_mm(x, w.transpose(1, 2), offs=offs)
+    # float64 (reference and gradient checks only): grouped_mm has no kernel, split per expert.
+    sizes = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
+    return torch.cat([xe @ we.T for xe, we in zip(x.split(sizes), w)])
 
 
 class SparseMoE(nn.Module):

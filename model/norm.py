@@ -7,6 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32, or unchanged when it is already wider (fp64 reference runs stay exact)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 class RMSNorm(nn.Module):
     """Zero-centred RMSNorm: y = x * rsqrt(mean(x^2) + eps) * (1 + w), w initialised to 0.
 
@@ -23,9 +28,9 @@ class RMSNorm(nn.Module):
         nn.init.zeros_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = at_least_fp32(x)
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * (1.0 + self.weight.float())).to(x.dtype)
+        return (y * (1.0 + self.weight.to(x32.dtype))).to(x.dtype)
 
 
 class GatedRMSNorm(nn.Module):
@@ -44,7 +49,7 @@ class GatedRMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = at_least_fp32(x)
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        y = self.weight.float() * y * F.silu(z.float())
+        y = self.weight.to(x32.dtype) * y * F.silu(z.to(x32.dtype))
         return y.to(x.dtype)

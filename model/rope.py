@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model.norm import at_least_fp32
+
 
 def mrope_row_of_frequency(num_freqs: int, section: list[int]) -> torch.Tensor:
     """[num_freqs] long: which position row (0=t, 1=h, 2=w) drives each frequency."""
@@ -58,7 +60,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     rd = cos.shape[-1]
     x_rot, x_pass = x[..., :rd], x[..., rd:]
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # broadcast over heads
-    x1, x2 = x_rot.float().chunk(2, dim=-1)
+    x_rot = at_least_fp32(x_rot)
+    x1, x2 = x_rot.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    out = x_rot.float() * cos + rotated * sin
+    out = x_rot * cos + rotated * sin
     return torch.cat([out.to(x.dtype), x_pass], dim=-1)

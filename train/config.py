@@ -23,6 +23,9 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1           # final lr = lr * min_lr_ratio
     warmup_steps: int = 10
+    # Horizon of the schedule (cosine end, WSD decay end); null = max_steps. Set it when a run may
+    # be stopped early and extended, so that max_steps can change without changing the schedule.
+    lr_decay_steps: Optional[int] = None
     schedule: str = "cosine"            # cosine | wsd | constant
     wsd_decay_fraction: float = 0.2     # WSD: share of the steps spent decaying at the end
     weight_decay: float = 0.1
@@ -88,9 +91,14 @@ def validate_config(cfg: RootConfig) -> RootConfig:
         raise ConfigError(f"train.lr={t.lr!r}: must be > 0")
     if not 0 <= t.min_lr_ratio <= 1:
         raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio!r}: must be in [0, 1]")
-    if not 0 <= t.warmup_steps <= t.max_steps:
-        raise ConfigError(f"train.warmup_steps={t.warmup_steps!r}: must be in [0, "
-                          f"train.max_steps={t.max_steps}]")
+    if t.lr_decay_steps is not None and t.lr_decay_steps < 1:
+        raise ConfigError(f"train.lr_decay_steps={t.lr_decay_steps!r}: must be >= 1 or null "
+                          f"(= train.max_steps)")
+    if t.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps!r}: must be >= 0")
+    if t.lr_decay_steps is not None and t.warmup_steps > t.lr_decay_steps:
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps!r}: must be <= "
+                          f"train.lr_decay_steps={t.lr_decay_steps} (the schedule's horizon)")
     _choice(t.schedule, ("cosine", "wsd", "constant"), "train.schedule")
     if t.schedule == "wsd" and not 0 < t.wsd_decay_fraction <= 1:
         raise ConfigError(f"train.wsd_decay_fraction={t.wsd_decay_fraction!r}: must be in (0, 1]")

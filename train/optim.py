@@ -34,21 +34,23 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Multiplier of cfg.lr for the optimizer step `step` (0-based).
 
-    cosine: linear warmup, then cosine from 1 to min_lr_ratio at max_steps.
+    cosine: linear warmup, then cosine from 1 to min_lr_ratio at the horizon.
     wsd:    linear warmup, constant, then a linear decay to min_lr_ratio over the last
-            wsd_decay_fraction of the steps.
+            wsd_decay_fraction of the horizon.
+    The horizon is lr_decay_steps, or max_steps when that is unset; past it the lr stays at the floor.
     """
+    horizon = cfg.lr_decay_steps or cfg.max_steps
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     floor = cfg.min_lr_ratio
     if cfg.schedule == "constant":
         return 1.0
     if cfg.schedule == "cosine":
-        span = max(cfg.max_steps - cfg.warmup_steps, 1)
+        span = max(horizon - cfg.warmup_steps, 1)
         progress = min((step - cfg.warmup_steps) / span, 1.0)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    decay_steps = max(int(round(cfg.max_steps * cfg.wsd_decay_fraction)), 1)
-    decay_start = cfg.max_steps - decay_steps
+    decay_steps = max(int(round(horizon * cfg.wsd_decay_fraction)), 1)
+    decay_start = horizon - decay_steps
     if step < decay_start:
         return 1.0
     progress = min((step - decay_start + 1) / decay_steps, 1.0)

@@ -1,0 +1,80 @@
+"""Shared helpers of the benchmarks: median timing, the machine line, markdown tables.
+
+Every benchmark times the project's code and its named baseline in the same process on the same
+inputs, so their ratio holds even when the absolute times move with the machine's load.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Sequence
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run from a checkout, no install
+
+import torch  # noqa: E402
+
+
+def median_time(fn: Callable[[], object], warmup: int = 1, repeats: int = 5) -> float:
+    """Median wall seconds of `fn()` over `repeats` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int = 1,
+                        repeats: int = 5) -> dict[str, float]:
+    """Median wall seconds of each function, called round-robin (one call of each per round).
+
+    Interleaving makes the ratios robust to load that comes and goes on a shared machine: a slow
+    phase hits every contender in the same round instead of whichever happened to run then.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def cpu_name() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown cpu"
+
+
+def machine_line() -> str:
+    return (f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A pipe table; numbers are expected already formatted as strings."""
+    cells = [list(map(str, headers))] + [list(map(str, r)) for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    sep = "| " + " | ".join("-" * w for w in widths) + " |"
+    return "\n".join([fmt(cells[0]), sep] + [fmt(r) for r in cells[1:]])

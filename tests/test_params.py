@@ -1,0 +1,55 @@
+"""Released configs build on the meta device and their parameter counts match the released figures."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from model.summary import summarize
+
+# (config, released total, released active per token, tolerance on active).
+# The released names are rounded labels: "397B-A17B", "35B-A3B", "80B-A3B". Totals are checked to
+# 3%. Active counts here include the embedding, LM head and the one MTP layer; "A3B" rounds
+# 3.5B (35B) and 3.9B (80B) down, so the active tolerance is wider for the A3B models.
+RELEASED = [
+    ("qwen35_397b_a17b", 397e9, 17e9, 0.05),
+    ("qwen35_35b_a3b", 35e9, 3e9, 0.20),
+    ("qwen3_next_80b_a3b", 80e9, 3e9, 0.35),
+]
+
+
+@pytest.mark.parametrize("name,total,active,active_tol", RELEASED)
+def test_released_parameter_counts(name, total, active, active_tol):
+    info = summarize(name)
+    assert info["total_params"] == pytest.approx(total, rel=0.03)
+    assert info["active_params"] == pytest.approx(active, rel=active_tol)
+    assert info["linear_attention_layers"] == 3 * info["full_attention_layers"]
+
+
+def test_exact_count_of_35b_layer_shapes():
+    """Recount Qwen3.5-35B-A3B by hand from the reference's shapes: catches a wrong projection."""
+    d, v, L, E, k, I, Is = 2048, 248320, 40, 256, 8, 512, 512
+    hk, hv, dk, dv = 16, 32, 128, 128
+    gdn = d * (2 * hk * dk + hv * dv) + d * hv * dv + 2 * d * hv + (2 * hk * dk + hv * dv) * 4 \
+        + 2 * hv + dv + hv * dv * d
+    attn = d * 16 * 256 * 2 + 2 * d * 2 * 256 + 16 * 256 * d + 2 * 256
+    moe = E * d + E * 3 * d * I + 3 * d * Is + d
+    norms = 2 * d
+    layers = 30 * (gdn + moe + norms) + 10 * (attn + moe + norms)
+    mtp = 2 * d + 2 * d * d + (attn + moe + norms) + d
+    expected_total = 2 * v * d + layers + d + mtp
+    info = summarize("qwen35_35b_a3b")
+    assert info["total_params"] == expected_total
+    inactive = (L + 1) * (E - k) * 3 * d * I
+    assert info["active_params"] == expected_total - inactive
+
+
+def test_summary_cli_json():
+    out = subprocess.run([sys.executable, "-m", "model.summary", "qwen35_397b_a17b", "--json"],
+                         capture_output=True, text=True, check=True)
+    info = json.loads(out.stdout)
+    assert info["total_params"] > 3.9e11 and info["active_params"] < 1.9e10
+    table = subprocess.run([sys.executable, "-m", "model.summary", "tiny"], capture_output=True,
+                           text=True, check=True).stdout
+    assert "total_params" in table and "active_params" in table
