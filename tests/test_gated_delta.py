@@ -143,9 +143,8 @@ def test_packed_documents_match_separate_runs(impl, with_h0):
     q, k, v, g, beta, s0 = leaves
     outs, finals = [], []
     for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
-        o_i, s_i = reference(
-            q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b], h0=None if s0 is None else s0[i : i + 1], l2norm=True
-        )
+        h0 = None if s0 is None else s0[i : i + 1]
+        o_i, s_i = reference(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b], h0=h0, l2norm=True)
         outs.append(o_i)
         finals.append(s_i)
     o_ref, s_ref = torch.cat(outs, dim=1), torch.cat(finals)
@@ -163,9 +162,8 @@ def test_packed_chunk_equals_per_document_chunk():
     q, k, v, g, beta, s0 = make_inputs(1, sum(lengths), 2, 2, 16, 16, n_states=len(lengths), seed=4)
     o, s = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=s0, output_final_state=True, cu_seqlens=cu)
     for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
-        o_i, s_i = chunk_gated_delta_rule(
-            q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b], initial_state=s0[i : i + 1], output_final_state=True
-        )
+        doc = [x[:, a:b] for x in (q, k, v, g, beta)]
+        o_i, s_i = chunk_gated_delta_rule(*doc, initial_state=s0[i : i + 1], output_final_state=True)
         torch.testing.assert_close(o[:, a:b], o_i, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(s[i : i + 1], s_i, atol=1e-5, rtol=1e-5)
 
@@ -233,3 +231,45 @@ def test_backend_selection():
     finally:
         set_default_backend("auto")
     torch.testing.assert_close(o, chunk_gated_delta_rule(q, k, v, g, beta, backend="torch")[0])
+
+
+def test_recompute_and_kept_factors_give_same_grads(monkeypatch):
+    """Backward either recomputes the intra-chunk factors (accelerators) or keeps them (CPU): same result."""
+    import model.ops.gated_delta_chunk as chunk_mod
+
+    inputs = make_inputs(2, 100, 1, 2, 8, 8, seed=10)
+    w_o, w_s = torch.randn(2, 100, 2, 8, dtype=torch.float64), torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    results = []
+    for recompute in (True, False):
+        monkeypatch.setattr(chunk_mod, "RECOMPUTE_IN_BACKWARD", recompute)
+        results.append(run_with_grads(chunk_gated_delta_rule, inputs, w_o, w_s, use_qk_l2norm_in_kernel=True))
+    for a, b in zip(results[0][2], results[1][2]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def _fla_available() -> bool:
+    try:
+        import fla.ops.gated_delta_rule  # noqa: F401
+    except Exception:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _fla_available(), reason="needs CUDA and flash-linear-attention")
+@pytest.mark.parametrize("heads", [(2, 2), (1, 2)])
+def test_fla_matches_torch_path_on_cuda(heads):
+    """The dispatch target (fla's Triton kernel) and our PyTorch path agree, packed documents included."""
+    lengths = [1, 100, 300]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), device="cuda")
+    inputs = make_inputs(1, sum(lengths), *heads, 64, 64, dtype=torch.bfloat16, n_states=len(lengths), seed=11)
+    inputs = [x.cuda() for x in inputs]
+    w_o = torch.randn(1, sum(lengths), heads[1], 64, dtype=torch.float64, device="cuda")
+    w_s = torch.randn(len(lengths), heads[1], 64, 64, dtype=torch.float64, device="cuda")
+    kw = dict(cu_seqlens=cu, use_qk_l2norm_in_kernel=True)
+    o_f, s_f, g_f = run_with_grads(chunk_gated_delta_rule, inputs, w_o, w_s, backend="fla", **kw)
+    o_t, s_t, g_t = run_with_grads(chunk_gated_delta_rule, inputs, w_o, w_s, backend="torch", **kw)
+    assert_close(o_f, o_t, 2e-2, "o")
+    assert_close(s_f, s_t, 1e-2, "final state")
+    for name, a, b in zip(NAMES, g_f, g_t):
+        assert_close(a, b, 5e-2, name)

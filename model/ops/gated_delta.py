@@ -79,14 +79,16 @@ def _prepare(q, k, v, g, beta, initial_state, scale, use_qk_l2norm_in_kernel):
     dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
     rep = v.shape[2] // q.shape[2]
     q, k, v, g, beta = (x.to(dtype) for x in (q, k, v, g, beta))
-    if use_qk_l2norm_in_kernel:
-        q = q * torch.rsqrt(q.square().sum(-1, keepdim=True) + 1e-6)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if use_qk_l2norm_in_kernel:  # scale rides on q's per-token factor: one full-size pass fewer
+        q = q * (torch.rsqrt(q.square().sum(-1, keepdim=True) + 1e-6) * scale)
         k = k * torch.rsqrt(k.square().sum(-1, keepdim=True) + 1e-6)
+    else:
+        q = q * scale
     if rep > 1:
         q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
     h0 = None if initial_state is None else initial_state.to(dtype)
-    return q * scale, k, v, g, beta, h0
+    return q, k, v, g, beta, h0
 
 
 def chunk_gated_delta_rule(
@@ -124,8 +126,11 @@ def chunk_gated_delta_rule(
             )  # fmt: skip
         if backend == "fla":
             raise RuntimeError("backend='fla' needs CUDA tensors and an importable `fla` (flash-linear-attention)")
-    q, k, v32, g, beta, h0 = _prepare(q, k, v, g, beta, initial_state, scale, use_qk_l2norm_in_kernel)
-    o, final = chunked_delta_rule(q, k, v32, g, beta, h0, cu_seqlens, CHUNK_SIZE)
+    # Autocast off: under bf16 autocast the chunk matmuls would drop to bf16, and the decay
+    # products need fp32 accumulation.
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        q, k, v32, g, beta, h0 = _prepare(q, k, v, g, beta, initial_state, scale, use_qk_l2norm_in_kernel)
+        o, final = chunked_delta_rule(q, k, v32, g, beta, h0, cu_seqlens, CHUNK_SIZE)
     return o.to(v.dtype), (final if output_final_state else None)
 
 
@@ -159,17 +164,18 @@ def recurrent_gated_delta_rule(
     cu_seqlens LongTensor [N+1] | None -> (o [B,T,H,V] (v.dtype), final_state [N,H,K,V] fp32 | None).
     """
     n = _check(q, k, v, g, beta, initial_state, cu_seqlens)
-    q, k, v32, g, beta, h0 = _prepare(q, k, v, g, beta, initial_state, scale, use_qk_l2norm_in_kernel)
-    if h0 is None:
-        h0 = q.new_zeros(n, v.shape[2], q.shape[-1], v.shape[-1])
-    if cu_seqlens is None:
-        o, final = _recurrent(q, k, v32, g, beta, h0)
-    else:  # each document on its own, from its own initial state
-        bounds = cu_seqlens.tolist()
-        outs, finals = [], []
-        for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
-            o_i, f_i = _recurrent(q[:, s:e], k[:, s:e], v32[:, s:e], g[:, s:e], beta[:, s:e], h0[i : i + 1])
-            outs.append(o_i)
-            finals.append(f_i)
-        o, final = torch.cat(outs, dim=1), torch.cat(finals, dim=0)
+    with torch.autocast(device_type=q.device.type, enabled=False):  # fp32 steps, as above
+        q, k, v32, g, beta, h0 = _prepare(q, k, v, g, beta, initial_state, scale, use_qk_l2norm_in_kernel)
+        if h0 is None:
+            h0 = q.new_zeros(n, v.shape[2], q.shape[-1], v.shape[-1])
+        if cu_seqlens is None:
+            o, final = _recurrent(q, k, v32, g, beta, h0)
+        else:  # each document on its own, from its own initial state
+            bounds = cu_seqlens.tolist()
+            outs, finals = [], []
+            for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+                o_i, f_i = _recurrent(q[:, s:e], k[:, s:e], v32[:, s:e], g[:, s:e], beta[:, s:e], h0[i : i + 1])
+                outs.append(o_i)
+                finals.append(f_i)
+            o, final = torch.cat(outs, dim=1), torch.cat(finals, dim=0)
     return o.to(v.dtype), (final if output_final_state else None)
