@@ -6,9 +6,10 @@
 Smoke-model dims by default: hidden 256, 2 key heads, 4 value heads, head dims 64, conv kernel 4.
 The baseline is the same layer at the shortest length: a chunked delta rule is linear in T, so the
 ratio column should track T / T_min (8x for 16k over 2k; above ~9x means super-linear work).
-The packed row runs the same layer on the same number of tokens split into several documents via
-cu_seqlens (state and conv window reset per document) and compares with one document of that length;
-its ratio should be ~1.0. Sizes are timed round-robin (one call of each per round), median over rounds.
+The packed rows run the same layer on the same number of tokens split into several documents via
+cu_seqlens (state and conv window reset per document: random cut points, and one long document with
+short ones) and compare with one document of that length; the ratio should be ~1.0.
+All cases are timed round-robin (one call of each per round), median over rounds.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import argparse
 import common  # noqa: F401  (puts the checkout on sys.path)
 import torch
 
-from common import interleaved_medians, machine_line, markdown_table
+from common import OtherLoad, interleaved_medians, machine_line, markdown_table
 from model.config import ModelConfig
 from model.context import SequenceContext, segment_layout
 from model.gated_deltanet import GatedDeltaNet
@@ -40,6 +41,11 @@ def split_lengths(total: int, docs: int, seed: int = 0) -> list[int]:
     return [b - a for a, b in zip(bounds, bounds[1:])]
 
 
+def skewed_lengths(total: int, docs: int, short: int = 100) -> list[int]:
+    """One long document and `docs - 1` short ones: the layout a packer makes around a long text."""
+    return [total - short * (docs - 1)] + [short] * (docs - 1)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seqlens", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
@@ -50,7 +56,7 @@ def main():
     p.add_argument("--value-heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
 
     torch.manual_seed(0)
@@ -81,17 +87,20 @@ def main():
         return run
 
     cases = {f"T={t}": case([t]) for t in args.seqlens}
-    packed_lengths = []
+    packings = {}
     if args.packed_seqlen:
-        packed_lengths = split_lengths(args.packed_seqlen, args.docs)
+        packings = {"random": split_lengths(args.packed_seqlen, args.docs),
+                    "skewed": skewed_lengths(args.packed_seqlen, args.docs)}
         single = f"T={args.packed_seqlen}"
         if single not in cases:
             cases[single] = case([args.packed_seqlen])
-        cases["packed"] = case(packed_lengths)
+        for name, lengths in packings.items():
+            cases[name] = case(lengths)
+    load = OtherLoad()
     sec = interleaved_medians(cases, args.warmup, args.repeats)
 
     print(f"GatedDeltaNet layer fwd+bwd, fp32, B=1, hidden={args.hidden}, key heads={args.key_heads}, "
-          f"value heads={args.value_heads}, head dim={args.head_dim}; {machine_line()}")
+          f"value heads={args.value_heads}, head dim={args.head_dim}; {machine_line()}\n")
     base_t = min(args.seqlens)
     base = sec[f"T={base_t}"]
     rows = []
@@ -100,13 +109,19 @@ def main():
         rows.append([t, 1, f"{s * 1e3:.0f}", f"{s / t * 1e6:.1f}", f"{s / base:.2f}", f"{t / base_t:.0f}"])
     print(markdown_table(["T", "docs", "fwd+bwd ms", "us/token", f"time / time(T={base_t})", "ideal (linear)"],
                          rows))
-    if packed_lengths:
-        s_one, s_packed = sec[f"T={args.packed_seqlen}"], sec["packed"]
-        print(f"\npacking at T={args.packed_seqlen}: document lengths {packed_lengths}")
-        rows = [[args.packed_seqlen, 1, f"{s_one * 1e3:.0f}", f"{s_one / args.packed_seqlen * 1e6:.1f}", "1.00"],
-                [args.packed_seqlen, len(packed_lengths), f"{s_packed * 1e3:.0f}",
-                 f"{s_packed / args.packed_seqlen * 1e6:.1f}", f"{s_packed / s_one:.2f}"]]
-        print(markdown_table(["T", "docs", "fwd+bwd ms", "us/token", "time / time(1 doc)"], rows))
+    if packings:
+        t = args.packed_seqlen
+        s_one = sec[f"T={t}"]
+        print(f"\npacking at T={t} (same tokens, cu_seqlens); random = uneven cut points, "
+              f"skewed = one long document and {args.docs - 1} of 100 tokens\n")
+        rows = [["one document", 1, f"{s_one * 1e3:.0f}", f"{s_one / t * 1e6:.1f}", "1.00"]]
+        for name, lengths in packings.items():
+            s = sec[name]
+            rows.append([f"{name} {lengths}", len(lengths), f"{s * 1e3:.0f}", f"{s / t * 1e6:.1f}",
+                         f"{s / s_one:.2f}"])
+        print(markdown_table(["layout (document lengths)", "docs", "fwd+bwd ms", "us/token",
+                              "time / time(1 doc)"], rows))
+    print(f"\n{load.note()}")
 
 
 if __name__ == "__main__":

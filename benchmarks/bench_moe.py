@@ -18,7 +18,7 @@ import common  # noqa: F401  (puts the checkout on sys.path)
 import torch
 import torch.nn.functional as F
 
-from common import interleaved_medians, machine_line, markdown_table
+from common import OtherLoad, interleaved_medians, machine_line, markdown_table
 from model.config import ModelConfig
 from model.context import SequenceContext, segment_layout
 from model.moe import SparseMoE
@@ -118,7 +118,8 @@ def main():
     args = p.parse_args()
 
     print(f"MoE block fwd+bwd, fp32, tokens={args.tokens}, expert hidden={args.expert_hidden}, "
-          f"no shared expert; {machine_line()}")
+          f"no shared expert; {machine_line()}\n")
+    load = OtherLoad()
     rows = []
     for c in args.configs:
         d, e, k = parse_config(c)
@@ -127,6 +128,7 @@ def main():
                      f"{r['loop'] / r['grouped']:.2f}", f"{r['err']:.1e}"])
     print(markdown_table(["hidden", "experts", "top-k", "experts hit", "loop ms", "grouped ms",
                           "speed-up (loop/grouped)", "max abs diff"], rows))
+    print(f"\n{load.note()}")
 
 
 if __name__ == "__main__":

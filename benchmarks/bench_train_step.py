@@ -1,6 +1,6 @@
 """Throughput and MFU of the smoke config's training step, against a dense Transformer baseline.
 
-    python benchmarks/bench_train_step.py                   # experiment=smoke_cpu, 3 warmup + 5 timed steps
+    python benchmarks/bench_train_step.py                   # experiment=smoke_cpu, 3 warmup + 10 timed steps
     python benchmarks/bench_train_step.py --repeats 10 --override data.batch_size=4
 
 Project side: `Trainer(cfg).train_step()` exactly as `fit()` calls it (loader, forward, loss,
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import interleaved_medians, machine_line, markdown_table
+from common import OtherLoad, interleaved_medians, machine_line, markdown_table
 from data.text_loader import build_loader
 from model.mlp import SwiGLU
 from model.params import count_params, train_flops_per_token
@@ -86,7 +86,7 @@ def dense_hidden_for(target: int, dim: int, layers: int, heads: int, head_dim: i
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps of each model first")
-    p.add_argument("--repeats", type=int, default=5, help="timed steps of each model")
+    p.add_argument("--repeats", type=int, default=10, help="timed steps of each model")
     p.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides, e.g. data.batch_size=4")
     args = p.parse_args()
 
@@ -121,6 +121,7 @@ def main():
             torch.nn.utils.clip_grad_norm_(dense.parameters(), cfg.train.grad_clip, foreach=True)
             dense_opt.step()
 
+        load = OtherLoad()
         sec = interleaved_medians({"ours": trainer.train_step, "dense": dense_step}, args.warmup, args.repeats)
         # Best-of matmul rate; measured after the steps as well, so a busy moment cannot lower it.
         peak = max(trainer.peak_flops, measure_matmul_flops(trainer.device, torch.float32, seconds=1.0))
@@ -128,7 +129,7 @@ def main():
     tokens = cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum
     print(f"train step, experiment=smoke_cpu (B={cfg.data.batch_size} T={cfg.data.seq_len}, fp32, "
           f"{trainer.device}); {machine_line()}")
-    print(f"measured fp32 matmul peak (1024^3, best of): {peak / 1e9:.1f} GFLOP/s")
+    print(f"measured fp32 matmul peak (1024^3, best of): {peak / 1e9:.1f} GFLOP/s\n")
     rows = []
     for name, s, flops, total, active in (
             (f"smoke Qwen3.5 (MoE {m.num_experts}e top-{m.num_experts_per_tok}, MTP)", sec["ours"], ours_flops,
@@ -139,6 +140,7 @@ def main():
                      f"{flops / 1e6:.1f}", f"{100 * flops * tps / peak:.1f}", f"{sec['dense'] / s:.2f}"])
     print(markdown_table(["model", "params M", "active non-emb M", "step ms", "tokens/s", "MFLOPs/token",
                           "MFU %", "speed vs dense"], rows))
+    print(f"\n{load.note()}")
 
 
 if __name__ == "__main__":

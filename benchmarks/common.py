@@ -56,6 +56,35 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int = 1,
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+class OtherLoad:
+    """Share of the machine's CPU time that *other* processes used since construction (Linux only).
+
+    Printed under each table so that a reader can tell a quiet run from one taken while something
+    else was computing: /proc/stat busy time minus this process's own CPU time, over wall x cores.
+    """
+
+    def __init__(self):
+        self.start = self._snapshot()
+
+    @staticmethod
+    def _snapshot():
+        try:
+            fields = [int(v) for v in pathlib.Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except OSError:
+            return None
+        busy = sum(fields[:8]) - fields[3] - fields[4]  # all but idle and iowait
+        own = os.times()
+        return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system, time.perf_counter()
+
+    def note(self) -> str:
+        end = self._snapshot()
+        if self.start is None or end is None:
+            return "load from other processes: unknown"
+        busy, own, wall = (e - s for e, s in zip(end, self.start))
+        share = max(busy - own, 0.0) / max(wall * (os.cpu_count() or 1), 1e-9)
+        return f"load from other processes during the run: {100 * share:.0f}% of {os.cpu_count()} cores"
+
+
 def cpu_name() -> str:
     try:
         for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from model.vision_config import VisionConfig
+
 FULL_ATTENTION = "full_attention"
 LINEAR_ATTENTION = "linear_attention"
 
@@ -69,6 +71,9 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
+
+    # The vision tower (model/vision.py); None = a text-only model.
+    vision: Optional[VisionConfig] = None
 
     # ---- derived -------------------------------------------------------------------------------
 
@@ -148,11 +153,22 @@ class ModelConfig:
             need(getattr(self, fld) >= 0, fld, getattr(self, fld), "must be >= 0")
         need(self.mtp_num_layers >= 0, "mtp_num_layers", self.mtp_num_layers, "must be >= 0")
         need(self.rms_norm_eps > 0, "rms_norm_eps", self.rms_norm_eps, "must be > 0")
+        if self.vision is not None:
+            self.vision.validate(f"{prefix}.vision", vocab_size=self.vocab_size)
         return self
 
 
 def load_model_config(name_or_path: str) -> ModelConfig:
     """A configs/model/NAME.yaml (or any YAML path) merged onto the schema and validated."""
+    from omegaconf import OmegaConf
+
+    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), _load_yaml_with_defaults(name_or_path))
+    return OmegaConf.to_object(merged).validate()
+
+
+def _load_yaml_with_defaults(name_or_path: str):
+    """The YAML with its Hydra-style `defaults: [OTHER, _self_]` list resolved: OTHER names a
+    sibling file of the same group (e.g. tiny_vl.yaml extends tiny.yaml), merged first."""
     from pathlib import Path
 
     from omegaconf import OmegaConf
@@ -162,5 +178,17 @@ def load_model_config(name_or_path: str) -> ModelConfig:
         path = Path(__file__).resolve().parents[1] / "configs" / "model" / f"{name_or_path}.yaml"
     if not path.exists():
         raise ConfigError(f"model config {name_or_path!r} not found (looked for {path})")
-    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path))
-    return OmegaConf.to_object(merged).validate()
+    node = OmegaConf.load(path)
+    defaults = node.pop("defaults", None) or []
+    parts = []
+    for entry in defaults:
+        if entry == "_self_":
+            parts.append(node)
+        elif isinstance(entry, str):
+            parts.append(_load_yaml_with_defaults(str(path.with_name(f"{entry}.yaml"))))
+        else:
+            raise ConfigError(f"{path}: defaults entry {entry!r}: only sibling names and _self_ "
+                              f"are supported in model configs")
+    if "_self_" not in defaults:
+        parts.append(node)
+    return OmegaConf.merge(*parts)

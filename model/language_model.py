@@ -13,14 +13,20 @@ from model.config import ModelConfig
 from model.context import SequenceContext, segment_layout
 from model.decoder import DecoderLayer, MTPBlock
 from model.moe import GroupedExperts, TopKRouter
+from model.mrope import mrope_position_ids
 from model.norm import GatedRMSNorm, RMSNorm, at_least_fp32
 from model.rope import RotaryEmbedding
+from model.vision import VisionEncoder, VisionRotary
+from model.vision_tokens import check_placeholder_counts
 
 
 @dataclass
 class LMOutput:
     """loss: the scalar to differentiate (mean CE + weighted MTP, aux and z losses).
-    logits: [B, T, V], only when no labels were given. Other fields are detached-free scalars for logs."""
+    logits: [B, T, V], only when no labels were given. Other fields are detached-free scalars for logs.
+    Models with vision also split the CE by modality (detached): ce_after_vision over the target
+    positions that follow a visual block of their document, ce_text over the rest (see
+    `after_vision_mask`); num_tokens_after_vision + num_tokens_text == num_tokens."""
 
     loss: Optional[torch.Tensor] = None
     logits: Optional[torch.Tensor] = None
@@ -29,6 +35,10 @@ class LMOutput:
     moe_aux: Optional[torch.Tensor] = None
     moe_z: Optional[torch.Tensor] = None
     num_tokens: int = 0
+    ce_after_vision: Optional[torch.Tensor] = None
+    ce_text: Optional[torch.Tensor] = None
+    num_tokens_after_vision: int = 0
+    num_tokens_text: int = 0
     extra: dict = field(default_factory=dict)
 
 
@@ -39,7 +49,14 @@ def default_cu_seqlens(batch: int, seqlen: int, device) -> torch.Tensor:
 
 class Qwen35LM(nn.Module):
     """input_ids [B, T] (+ position_ids [B, T] or [3, B, T], cu_seqlens [N+1], labels [B, T]
-    already shifted, -100 = no loss) -> LMOutput."""
+    already shifted, -100 = no loss) -> LMOutput.
+
+    With `cfg.vision`, also pixel_values [Ni, C*Tp*P*P] + image_grid_thw [Ni_items, 3] and
+    pixel_values_videos + video_grid_thw (model/vision_processing.py makes them): every image and
+    video of the batch goes through the vision tower in one call, and the merged tokens replace the
+    embeddings of the <|image_pad|> / <|video_pad|> tokens, in order over the flattened batch.
+    Without position_ids, M-RoPE positions are computed from the tokens and grids (model/mrope.py).
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -53,6 +70,7 @@ class Qwen35LM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.mtp = nn.ModuleList(MTPBlock(cfg) for _ in range(cfg.mtp_num_layers))
         self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.resolved_mrope_section())
+        self.visual = VisionEncoder(cfg.vision, cfg.hidden_size) if cfg.vision is not None else None
         self.num_moe_layers = sum(isinstance(m, TopKRouter) for m in self.modules())
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -65,7 +83,7 @@ class Qwen35LM(nn.Module):
         the DeltaNet decay parameters by their own rules. Also the entry point after `to_empty`."""
         std = self.cfg.initializer_range
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
+            if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv3d)):
                 nn.init.normal_(m.weight, std=std)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
@@ -76,37 +94,96 @@ class Qwen35LM(nn.Module):
                 nn.init.normal_(m.weight, std=std)
                 m.expert_bias.zero_()
                 m.tokens_per_expert.zero_()
-            elif isinstance(m, (RMSNorm, GatedRMSNorm, RotaryEmbedding)) or hasattr(m, "A_log"):
+            elif isinstance(m, (RMSNorm, GatedRMSNorm, RotaryEmbedding, nn.LayerNorm, VisionRotary)) \
+                    or hasattr(m, "A_log"):
                 m.reset_parameters()
 
     def build_context(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor],
-                      cu_seqlens: Optional[torch.Tensor]) -> SequenceContext:
+                      cu_seqlens: Optional[torch.Tensor],
+                      image_grid_thw: Optional[torch.Tensor] = None,
+                      video_grid_thw: Optional[torch.Tensor] = None) -> SequenceContext:
         b, t = input_ids.shape
         if cu_seqlens is None:
             cu_seqlens = default_cu_seqlens(b, t, input_ids.device)
         doc_ids, pos_in_doc = segment_layout(cu_seqlens, b, t)
-        if position_ids is None:
+        if position_ids is None and self.visual is not None:
+            v = self.cfg.vision
+            position_ids = mrope_position_ids(
+                input_ids, image_grid_thw, video_grid_thw, cu_seqlens, image_token_id=v.image_token_id,
+                video_token_id=v.video_token_id, spatial_merge_size=v.spatial_merge_size)
+        elif position_ids is None:
             position_ids = pos_in_doc
         cos, sin = self.rotary(position_ids)
         return SequenceContext(cu_seqlens=cu_seqlens, doc_ids=doc_ids, pos_in_doc=pos_in_doc,
                                cos=cos, sin=sin)
 
+    def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] bool: image or video pad tokens (all False for a text-only model)."""
+        if self.visual is None:
+            return torch.zeros_like(input_ids, dtype=torch.bool)
+        v = self.cfg.vision
+        return (input_ids == v.image_token_id) | (input_ids == v.video_token_id)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
+              image_grid_thw: Optional[torch.Tensor] = None,
+              pixel_values_videos: Optional[torch.Tensor] = None,
+              video_grid_thw: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token embeddings [B, T, D] with the merged visual tokens scattered into the pad positions."""
+        emb = self.embed_tokens(input_ids)
+        if self.visual is None:
+            if pixel_values is not None or pixel_values_videos is not None:
+                raise ValueError(f"model {self.cfg.name!r} has no vision tower (model.vision is "
+                                 f"null) but the batch has pixel_values")
+            return emb
+        v = self.cfg.vision
+        items = []
+        for kind, pixels, grid, token_id in (
+                ("image", pixel_values, image_grid_thw, v.image_token_id),
+                ("video", pixel_values_videos, video_grid_thw, v.video_token_id)):
+            if (pixels is None) != (grid is None):
+                raise ValueError(f"{kind}s need both pixel values and their grid_thw; got only one")
+            check_placeholder_counts(input_ids, grid, token_id, v.spatial_merge_size, kind)
+            if pixels is not None and grid.shape[0] > 0:
+                items.append((pixels, grid, token_id))
+        if not items:
+            return emb
+        # One encoder call for all images and videos of the batch.
+        feats = self.visual(torch.cat([p for p, _, _ in items]), torch.cat([g for _, g, _ in items]))
+        sizes = [int(g.prod(-1).sum()) // v.merge_unit for _, g, _ in items]
+        for part, (_, _, token_id) in zip(feats.split(sizes), items):
+            mask = (input_ids == token_id).unsqueeze(-1)
+            emb = emb.masked_scatter(mask, part.to(emb.dtype))
+        return emb
+
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 cu_seqlens: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None) -> LMOutput:
-        ctx = self.build_context(input_ids, position_ids, cu_seqlens)
-        emb = self.embed_tokens(input_ids)
+                labels: Optional[torch.Tensor] = None,
+                pixel_values: Optional[torch.Tensor] = None,
+                image_grid_thw: Optional[torch.Tensor] = None,
+                pixel_values_videos: Optional[torch.Tensor] = None,
+                video_grid_thw: Optional[torch.Tensor] = None) -> LMOutput:
+        # Embed first: its placeholder-count check gives the clearest error for a bad batch.
+        emb = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        ctx = self.build_context(input_ids, position_ids, cu_seqlens, image_grid_thw, video_grid_thw)
         h = emb
         for layer in self.layers:
             h = layer(h, ctx)
         if labels is None:
             return LMOutput(logits=self.lm_head(self.norm(h)))
 
-        ce = cross_entropy(self.lm_head(self.norm(h)), labels)
-        out = LMOutput(ce=ce, num_tokens=int((labels != -100).sum()))
+        logits = self.lm_head(self.norm(h))
+        if self.visual is None:
+            ce = cross_entropy(logits, labels)
+            out = LMOutput(ce=ce, num_tokens=int((labels != -100).sum()))
+        else:
+            v = self.cfg.vision
+            labels = mask_visual_labels(labels, self.visual_token_mask(input_ids),
+                                        (v.image_token_id, v.video_token_id))
+            out = self._multimodal_ce(logits, labels, input_ids, ctx)
+            ce = out.ce
         loss = ce
         if self.mtp:
-            out.mtp_ce = self._mtp_loss(h, input_ids, labels, ctx)
+            out.mtp_ce = self._mtp_loss(h, input_ids, labels, ctx, emb)
             loss = loss + self.cfg.mtp_loss_coef * out.mtp_ce
         if self.num_moe_layers:
             n = self.num_moe_layers
@@ -118,26 +195,76 @@ class Qwen35LM(nn.Module):
         out.loss = loss
         return out
 
+    def _multimodal_ce(self, logits: torch.Tensor, labels: torch.Tensor, input_ids: torch.Tensor,
+                       ctx: SequenceContext) -> LMOutput:
+        """Mean CE (differentiable) plus its detached split into after-vision and text positions."""
+        tok = F.cross_entropy(at_least_fp32(logits).flatten(0, 1), labels.flatten(), ignore_index=-100,
+                              reduction="none").view_as(labels)
+        valid = labels != -100
+        n = int(valid.sum())
+        out = LMOutput(ce=tok.sum() / max(n, 1), num_tokens=n)
+        with torch.no_grad():
+            after = after_vision_mask(self.visual_token_mask(input_ids), ctx.cu_seqlens) & valid
+            text = valid & ~after
+            out.num_tokens_after_vision, out.num_tokens_text = int(after.sum()), int(text.sum())
+            out.ce_after_vision = tok[after].sum() / max(out.num_tokens_after_vision, 1)
+            out.ce_text = tok[text].sum() / max(out.num_tokens_text, 1)
+        return out
+
     def _mtp_loss(self, h: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
-                  ctx: SequenceContext) -> torch.Tensor:
+                  ctx: SequenceContext, emb: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Mean over depths k = 1..D of the CE of predicting token i+k+1 at position i.
 
         Position i is valid for depth k while i+k lies in the same document, i.e. none of
-        labels[i .. i+k-1] is -100; the embedding input is token i+k.
+        labels[i .. i+k-1] is -100; the embedding input is token i+k (for a visual pad, its
+        visual token from `emb`). Masked visual labels also end the chain: conservative, since
+        those targets are pads anyway.
         """
         valid = torch.ones_like(labels, dtype=torch.bool)
+        visual = self.visual_token_mask(input_ids)
         total = 0.0
         for k, block in enumerate(self.mtp, start=1):
             valid = valid & (shift_left(labels, k - 1, -100) != -100)
             ids_k = torch.where(valid, shift_left(input_ids, k, 0), torch.zeros_like(input_ids))
             target = torch.where(valid, shift_left(labels, k, -100), torch.full_like(labels, -100))
-            h = block(h, self.embed_tokens(ids_k), ctx)
+            emb_k = self.embed_tokens(ids_k)
+            if self.visual is not None and emb is not None:
+                use_visual = (valid & shift_left(visual, k, False)).unsqueeze(-1)
+                emb_k = torch.where(use_visual, shift_left(emb, k, 0.0), emb_k)
+            h = block(h, emb_k, ctx)
             total = total + cross_entropy(self.lm_head(block.norm(h)), target)
         return total / len(self.mtp)
 
 
-def shift_left(x: torch.Tensor, k: int, fill: int) -> torch.Tensor:
-    """x[:, i] <- x[:, i + k] along T, filling the last k positions. x: [B, T]."""
+def mask_visual_labels(labels: torch.Tensor, visual: torch.Tensor, pad_ids: tuple[int, ...]) -> torch.Tensor:
+    """labels [B, T] with -100 where the input is a visual pad (visual [B, T] bool) or the target
+    is one (a label in pad_ids): a pad's embedding is an image feature, not a token, and nothing
+    should learn to predict a pad."""
+    is_pad_target = torch.zeros_like(visual)
+    for pad in pad_ids:
+        is_pad_target |= labels == pad
+    return labels.masked_fill(visual | is_pad_target, -100)
+
+
+def after_vision_mask(visual: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: position t has a visual pad at or before it in its own document.
+
+    With labels already shifted, these are the targets conditioned on visual content ("caption"
+    tokens): the text after a document's first visual block (including the timestamps and
+    vision_start/end tokens of later blocks and the final eos). Everything else is plain text:
+    text-only documents and the text of a document before its first image or video.
+    """
+    b, t = visual.shape
+    flat = visual.flatten().long()
+    cum = flat.cumsum(0)
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    starts = cu_seqlens[:-1].repeat_interleave(lengths, output_size=b * t)
+    before = F.pad(cum, (1, 0))[starts]   # pads before the document's first token
+    return (cum - before > 0).view(b, t)
+
+
+def shift_left(x: torch.Tensor, k: int, fill) -> torch.Tensor:
+    """x[:, i] <- x[:, i + k] along T, filling the last k positions. x: [B, T, ...]."""
     if k == 0:
         return x
     return torch.cat([x[:, k:], torch.full_like(x[:, :k], fill)], dim=1)

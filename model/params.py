@@ -13,10 +13,12 @@ from model.moe import GroupedExperts
 
 @dataclass
 class ParamCounts:
-    total: int            # every parameter, embedding and LM head included
-    active: int           # touched per token: routed experts counted k of E
+    total: int            # every parameter: embedding, LM head and vision tower included
+    active: int           # of the language model, touched per token: routed experts counted k of E
     embedding: int        # input embedding + LM head (once if tied)
     mtp: int              # inside the multi-token-prediction blocks (in total and active)
+    vision: int = 0       # the vision tower incl. its merger (in total, not in active: it runs
+                          # per image patch, not per language token)
 
 
 def build_meta(cfg: ModelConfig) -> nn.Module:
@@ -39,7 +41,9 @@ def count_params(model: nn.Module) -> ParamCounts:
     if not cfg.tie_word_embeddings:
         emb += model.lm_head.weight.numel()
     mtp = sum(p.numel() for p in model.mtp.parameters())
-    return ParamCounts(total=total, active=total - inactive, embedding=emb, mtp=mtp)
+    vision = sum(p.numel() for p in model.visual.parameters()) if model.visual is not None else 0
+    return ParamCounts(total=total, active=total - inactive - vision, embedding=emb, mtp=mtp,
+                       vision=vision)
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int, counts: ParamCounts) -> float:

@@ -28,10 +28,14 @@ def summarize(name: str, seq_len: int = 4096) -> dict:
                 f"(+shared {cfg.shared_expert_intermediate_size})" if cfg.mlp_type == "moe"
                 else f"dense {cfg.intermediate_size}"),
         "mtp_layers": cfg.mtp_num_layers,
+        "vision": (f"ViT {cfg.vision.depth}x{cfg.vision.hidden_size} ({cfg.vision.num_heads} heads, "
+                   f"MLP {cfg.vision.intermediate_size}), merger -> {cfg.hidden_size}"
+                   if cfg.vision is not None else "none"),
         "total_params": counts.total,
         "active_params": counts.active,
         "embedding_params": counts.embedding,
         "mtp_params": counts.mtp,
+        "vision_params": counts.vision,
         "train_flops_per_token": train_flops_per_token(cfg, seq_len, counts),
         "seq_len_for_flops": seq_len,
     }

@@ -38,9 +38,16 @@ def test_exact_count_of_35b_layer_shapes():
     norms = 2 * d
     layers = 30 * (gdn + moe + norms) + 10 * (attn + moe + norms)
     mtp = 2 * d + 2 * d * d + (attn + moe + norms) + d
+    # Vision tower (reference §6): Conv3d patch embed, 48x48 position table, 27 pre-LN blocks,
+    # 2x2 merger into d. It is in the total, not in the per-token active count.
+    vd, vm, vdepth = 1152, 4304, 27
+    block = 4 * vd + (vd * 3 * vd + 3 * vd) + (vd * vd + vd) + (vd * vm + vm) + (vm * vd + vd)
+    vision = (3 * 2 * 16 * 16 * vd + vd) + 2304 * vd + vdepth * block \
+        + 2 * vd + (4 * vd * 4 * vd + 4 * vd) + (4 * vd * d + d)
     expected_total = 2 * v * d + layers + d + mtp
     info = summarize("qwen35_35b_a3b")
-    assert info["total_params"] == expected_total
+    assert info["vision_params"] == vision
+    assert info["total_params"] == expected_total + vision
     inactive = (L + 1) * (E - k) * 3 * d * I
     assert info["active_params"] == expected_total - inactive
 

@@ -88,6 +88,12 @@ def console_line(r: dict[str, Any], max_steps: int) -> str:
     parts = [f"step {r['step']}/{max_steps}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}",
              f"gnorm {r['grad_norm']:.3f}", f"{r['tokens_per_s'] / 1e3:.1f}k tok/s",
              f"mfu {100 * r['mfu']:.2f}%"]
+    if r.get("ce_after_vision") is not None:
+        parts.append(f"ce|vision {r['ce_after_vision']:.3f}")
+    if r.get("ce_text") is not None:
+        parts.append(f"ce|text {r['ce_text']:.3f}")
+    if "vision_grad_norm" in r:
+        parts.append(f"vgnorm {r['vision_grad_norm']:.3f}")
     if "expert_load_imbalance" in r:
         parts.append(f"imbalance {r['expert_load_imbalance']:.2f}")
     if r.get("skipped_steps"):

@@ -25,6 +25,8 @@ from train.optim import build_optimizer, build_scheduler
 from train.precision import autocast, autocast_dtype, resolve_device
 
 log = logging.getLogger("train")
+# Optional batch entries of multimodal data, passed to the model when present.
+VISUAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
 def seed_everything(seed: int) -> None:
@@ -103,20 +105,38 @@ class Trainer:
         batches = [next(self.loader) for _ in range(cfg.grad_accum)]
         total_tokens = max(sum(b["num_tokens"] for b in batches), 1)
         sums: dict[str, float] = {}
+        modality = {"ce_after_vision": [0.0, 0], "ce_text": [0.0, 0]}  # [CE x tokens, tokens]
         self.optimizer.zero_grad(set_to_none=True)
         for b in batches:
             # Token-weighted so that accumulation equals one large batch.
             weight = b["num_tokens"] / total_tokens
+            visual = {k: b[k].to(self.device) for k in VISUAL_KEYS if b.get(k) is not None}
             with autocast(self.device, self.amp_dtype):
                 out = self.model(b["input_ids"].to(self.device),
                                  position_ids=b["position_ids"].to(self.device),
                                  cu_seqlens=b["cu_seqlens"].to(self.device),
-                                 labels=b["labels"].to(self.device))
+                                 labels=b["labels"].to(self.device), **visual)
             (out.loss * weight).backward()
             for name in ("loss", "ce", "mtp_ce", "moe_aux", "moe_z"):
                 value = getattr(out, name)
                 if value is not None:
                     sums[name] = sums.get(name, 0.0) + weight * value.detach().float().item()
+            for name, n in (("ce_after_vision", out.num_tokens_after_vision),
+                            ("ce_text", out.num_tokens_text)):
+                if getattr(out, name) is not None and n:
+                    modality[name][0] += getattr(out, name).float().item() * n
+                    modality[name][1] += n
+
+        vision_metrics = {}
+        if self.model.visual is not None:
+            # Per-modality CE (token-weighted over the micro-batches; null when a step had no such
+            # token) and the vision tower's gradient norm before clipping.
+            for name, (total, n) in modality.items():
+                vision_metrics[name] = total / n if n else None
+            vision_metrics["tokens_after_vision"] = modality["ce_after_vision"][1]
+            vgrads = [p.grad for p in self.model.visual.parameters() if p.grad is not None]
+            vision_metrics["vision_grad_norm"] = (
+                float(torch.nn.utils.get_total_norm(vgrads, foreach=True)) if vgrads else 0.0)
 
         params = [p for p in self.model.parameters() if p.grad is not None]
         if cfg.grad_clip > 0:
@@ -145,7 +165,7 @@ class Trainer:
 
         record = {"step": self.step, **sums, "lr": lr, "grad_norm": grad_norm,
                   "tokens": sum(b["input_ids"].numel() for b in batches),
-                  "loss_tokens": total_tokens, "skipped_steps": self.skipped_steps}
+                  "loss_tokens": total_tokens, "skipped_steps": self.skipped_steps, **vision_metrics}
         record.update(self._expert_load_metrics(finite))
         return record
 
