@@ -1,6 +1,6 @@
 """Throughput and MFU of the smoke config's training step, against a dense Transformer baseline.
 
-    python benchmarks/bench_train_step.py                   # experiment=smoke_cpu, 3 warmup + 10 timed steps
+    python benchmarks/bench_train_step.py                   # experiment=smoke_cpu_text, 3 warmup + 10 timed steps
     python benchmarks/bench_train_step.py --repeats 10 --override data.batch_size=4
 
 Project side: `Trainer(cfg).train_step()` exactly as `fit()` calls it (loader, forward, loss,
@@ -91,7 +91,7 @@ def main():
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = load_config(["experiment=smoke_cpu", "logging.wandb=disabled", "checkpoint.interval=0",
+        cfg = load_config(["experiment=smoke_cpu_text", "logging.wandb=disabled", "checkpoint.interval=0",
                            "checkpoint.save_final=false", f"run_dir={run_dir}", *args.override])
         trainer = Trainer(cfg, run_dir)
         m = cfg.model
@@ -127,7 +127,7 @@ def main():
         peak = max(trainer.peak_flops, measure_matmul_flops(trainer.device, torch.float32, seconds=1.0))
 
     tokens = cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum
-    print(f"train step, experiment=smoke_cpu (B={cfg.data.batch_size} T={cfg.data.seq_len}, fp32, "
+    print(f"train step, experiment=smoke_cpu_text (B={cfg.data.batch_size} T={cfg.data.seq_len}, fp32, "
           f"{trainer.device}); {machine_line()}")
     print(f"measured fp32 matmul peak (1024^3, best of): {peak / 1e9:.1f} GFLOP/s\n")
     rows = []

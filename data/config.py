@@ -1,11 +1,19 @@
-"""Data config: an OmegaConf structured config (primitive / Optional fields only)."""
+"""Data config: an OmegaConf structured config (primitive / Optional / dict-of-dataclass fields)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Dict, Optional
 
-SOURCES = ("synthetic_text",)
+SOURCES = ("synthetic_text", "webdataset")
+
+
+@dataclass
+class SourceConfig:
+    """One source of a mixture: its shards and its sampling weight (documents are drawn by weight)."""
+
+    shards: str = ""
+    weight: float = 1.0
 
 
 @dataclass
@@ -14,11 +22,37 @@ class DataConfig:
     tokenizer: Optional[str] = None  # path to a tokenizer.json; None = shipped smoke tokenizer
     seq_len: int = 256  # tokens per packed row
     batch_size: int = 8  # micro-batch rows per data-parallel rank
-    seed: int = 1234  # selects the document stream
+    seed: int = 1234  # selects the document stream (synthetic text) / the shuffles (webdataset)
     # Documents in the whole stream (over all ranks); None = infinite. A finite stream ends with a
     # padded row and, if needed, all-padding rows so the last batch keeps its [B, T] shape.
     num_docs: Optional[int] = None
     start_doc: int = 0  # first document index; e.g. a held-out eval stream starts far away
+
+    # ---- webdataset (data/README section "Data" of the top README) ----
+    # One source: local paths, globs, brace ranges or URLs webdataset opens (pipe:, http:), several
+    # joined by "::". A mixture: `sources` (name -> {shards, weight}) instead.
+    shards: Optional[str] = None
+    sources: Dict[str, SourceConfig] = field(default_factory=dict)
+    # Write learnable synthetic shards (data/synthetic.py, seed data.seed) into the directory of
+    # `shards` when it matches no file: the smoke run's first start.
+    generate_synthetic: bool = False
+    num_workers: int = 0  # DataLoader worker processes per rank (0 = in the training process)
+    prefetch_factor: int = 2  # batches each worker prepares ahead
+    shuffle_shards: bool = True  # a new shard order every epoch
+    shuffle_buffer: int = 256  # samples per shuffle block; <= 1 keeps the shard order
+    epochs: Optional[int] = None  # passes over every source; None = endless
+    # Cap on merged visual tokens per packed row; None = seq_len // 2.
+    max_visual_tokens: Optional[int] = None
+    patch_size: int = 16  # must match model.vision
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_min_pixels: int = 256 * 256  # released Qwen3.5 image budget: smaller images are upscaled
+    image_max_pixels: int = 1024 * 1024  # larger images are downscaled (and counted as oversized)
+    video_fps: float = 2.0  # frames sampled per second of video
+    video_min_frames: int = 4
+    video_max_frames: int = 64
+    video_min_pixels: int = 128 * 32 * 32  # budget over all sampled frames of a clip
+    video_max_pixels: int = 768 * 32 * 32
 
     def validate(self) -> "DataConfig":
         validate_data_config(self)
@@ -40,3 +74,41 @@ def validate_data_config(cfg: DataConfig) -> None:
         raise ValueError(f"data.num_docs={cfg.num_docs} must be >= 1 or null (infinite)")
     if cfg.start_doc < 0:
         raise ValueError(f"data.start_doc={cfg.start_doc} must be >= 0")
+    if cfg.name != "webdataset":
+        return
+    if bool(cfg.shards) == bool(cfg.sources):
+        raise ValueError(f"data.shards={cfg.shards!r} and data.sources={dict(cfg.sources)!r}: "
+                         f"data=webdataset needs exactly one of them (one source, or a mixture)")
+    for name, src in cfg.sources.items():
+        if not src.shards:
+            raise ValueError(f"data.sources.{name}.shards={src.shards!r}: must name shards")
+        if not src.weight > 0:
+            raise ValueError(f"data.sources.{name}.weight={src.weight!r}: must be > 0")
+    for fld in ("num_workers",):
+        if getattr(cfg, fld) < 0:
+            raise ValueError(f"data.{fld}={getattr(cfg, fld)} must be >= 0")
+    for fld in ("prefetch_factor", "patch_size", "temporal_patch_size", "merge_size",
+                "image_min_pixels", "image_max_pixels", "video_min_frames", "video_max_frames",
+                "video_min_pixels", "video_max_pixels"):
+        if getattr(cfg, fld) < 1:
+            raise ValueError(f"data.{fld}={getattr(cfg, fld)} must be >= 1")
+    if cfg.image_min_pixels > cfg.image_max_pixels:
+        raise ValueError(f"data.image_min_pixels={cfg.image_min_pixels} must be <= "
+                         f"data.image_max_pixels={cfg.image_max_pixels}")
+    if cfg.video_min_pixels > cfg.video_max_pixels:
+        raise ValueError(f"data.video_min_pixels={cfg.video_min_pixels} must be <= "
+                         f"data.video_max_pixels={cfg.video_max_pixels}")
+    if cfg.video_fps <= 0:
+        raise ValueError(f"data.video_fps={cfg.video_fps} must be > 0")
+    if cfg.epochs is not None and cfg.epochs < 1:
+        raise ValueError(f"data.epochs={cfg.epochs} must be >= 1 or null (endless)")
+    if cfg.max_visual_tokens is not None and not 1 <= cfg.max_visual_tokens <= cfg.seq_len:
+        raise ValueError(f"data.max_visual_tokens={cfg.max_visual_tokens} must be in "
+                         f"[1, data.seq_len={cfg.seq_len}] or null (seq_len // 2)")
+
+
+def source_specs(cfg: DataConfig) -> dict[str, tuple[str, float]]:
+    """name -> (shard spec, weight): the mixture, or the single source named "default"."""
+    if cfg.sources:
+        return {name: (src.shards, float(src.weight)) for name, src in cfg.sources.items()}
+    return {"default": (cfg.shards, 1.0)}

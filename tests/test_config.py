@@ -11,7 +11,9 @@ from train.main import load_config
 
 def test_default_and_smoke_compose():
     cfg = load_config(["experiment=smoke_cpu"])
-    assert cfg.model.name == "smoke" and cfg.train.max_steps == 200 and cfg.train.device == "cpu"
+    assert cfg.model.name == "smoke_vl" and cfg.data.name == "webdataset"
+    assert cfg.train.max_steps == 200 and cfg.train.device == "cpu"
+    assert load_config(["experiment=smoke_cpu_text"]).model.name == "smoke"
     assert cfg.run_dir == "runs/smoke_cpu"  # the experiment overrides the root config's values
     assert load_config(["experiment=smoke_cpu", "run_dir=/x"]).run_dir == "/x"
     for name in ("tiny", "qwen35_397b_a17b", "qwen35_35b_a3b", "qwen3_next_80b_a3b"):

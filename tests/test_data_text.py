@@ -256,7 +256,9 @@ def test_config_structured_and_validated():
         DataConfig(seq_len=0).validate()
     with pytest.raises(ValueError, match=r"data.batch_size=0 must be >= 1"):
         DataConfig(batch_size=0).validate()
-    with pytest.raises(ValueError, match=r"data.name='webdataset' must be one of"):
+    with pytest.raises(ValueError, match=r"data.name='parquet' must be one of"):
+        DataConfig(name="parquet").validate()
+    with pytest.raises(ValueError, match=r"data=webdataset needs exactly one of them"):
         DataConfig(name="webdataset").validate()
     with pytest.raises(ValueError, match=r"data.num_docs=0"):
         DataConfig(num_docs=0).validate()

@@ -144,7 +144,7 @@ def test_weight_decay_groups(tiny_cfg):
 def test_cli_smoke_run_learns(tmp_path):
     run = tmp_path / "smoke"
     proc = subprocess.run(
-        [sys.executable, "-m", "train.main", "experiment=smoke_cpu", f"run_dir={run}",
+        [sys.executable, "-m", "train.main", "experiment=smoke_cpu_text", f"run_dir={run}",
          "train.max_steps=30", "train.warmup_steps=5", "data.seq_len=128", "data.batch_size=4",
          "train.log_interval=1", "checkpoint.interval=15", "logging.wandb=disabled"],
         capture_output=True, text=True, timeout=600)

@@ -41,6 +41,9 @@ class TrainConfig:
     log_interval: int = 1
     peak_flops: Optional[float] = None  # per-device peak for MFU; None: known GPU table or measured
     max_consecutive_bad_steps: int = 5  # non-finite loss/grad steps in a row before stopping
+    # End-of-run check of a vision model on this many held-out synthetic documents: caption loss
+    # with the images and with noise instead (data/heldout.py); 0 = off.
+    heldout_caption_docs: int = 0
 
 
 @dataclass
@@ -104,6 +107,11 @@ def validate_config(cfg: RootConfig) -> RootConfig:
         raise ConfigError(f"train.wsd_decay_fraction={t.wsd_decay_fraction!r}: must be in (0, 1]")
     _choice(t.device, ("auto", "cpu", "cuda"), "train.device")
     _choice(t.autocast, ("auto", "bf16", "none"), "train.autocast")
+    if t.heldout_caption_docs < 0:
+        raise ConfigError(f"train.heldout_caption_docs={t.heldout_caption_docs!r}: must be >= 0")
+    if t.heldout_caption_docs and cfg.model.vision is None:
+        raise ConfigError(f"train.heldout_caption_docs={t.heldout_caption_docs!r}: needs a model "
+                          f"with vision (model={cfg.model.name!r} has model.vision=null)")
     if t.grad_clip < 0:
         raise ConfigError(f"train.grad_clip={t.grad_clip!r}: must be >= 0 (0 disables clipping)")
     if t.peak_flops is not None and t.peak_flops <= 0:

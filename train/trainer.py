@@ -3,6 +3,7 @@ checkpoints, with exact resume."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from data.text_loader import build_loader
+from data import build_loader
 from model.language_model import Qwen35LM
 from model.moe import collect_expert_load, update_router_bias
 from model.params import count_params, train_flops_per_token
@@ -23,10 +24,9 @@ from train.config import RootConfig
 from train.metrics import MetricsLogger, console_line, peak_flops
 from train.optim import build_optimizer, build_scheduler
 from train.precision import autocast, autocast_dtype, resolve_device
+from train.report import VISUAL_KEYS, caption_loss_gap, plot_loss_curves, write_caption_report
 
 log = logging.getLogger("train")
-# Optional batch entries of multimodal data, passed to the model when present.
-VISUAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
 def seed_everything(seed: int) -> None:
@@ -102,7 +102,9 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         cfg = self.cfg.train
+        t0 = time.perf_counter()
         batches = [next(self.loader) for _ in range(cfg.grad_accum)]
+        data_wait = time.perf_counter() - t0
         total_tokens = max(sum(b["num_tokens"] for b in batches), 1)
         sums: dict[str, float] = {}
         modality = {"ce_after_vision": [0.0, 0], "ce_text": [0.0, 0]}  # [CE x tokens, tokens]
@@ -165,9 +167,24 @@ class Trainer:
 
         record = {"step": self.step, **sums, "lr": lr, "grad_norm": grad_norm,
                   "tokens": sum(b["input_ids"].numel() for b in batches),
-                  "loss_tokens": total_tokens, "skipped_steps": self.skipped_steps, **vision_metrics}
+                  "loss_tokens": total_tokens, "skipped_steps": self.skipped_steps, **vision_metrics,
+                  "data_wait_s": data_wait, **self._data_metrics(batches)}
         record.update(self._expert_load_metrics(finite))
         return record
+
+    def _data_metrics(self, batches: list[dict]) -> dict[str, Any]:
+        """Realised token share per mixture source this step, and the loader's skip counters."""
+        out: dict[str, Any] = {}
+        sources: dict[str, int] = {}
+        for b in batches:
+            for name, n in b.get("source_tokens", {}).items():
+                sources[name] = sources.get(name, 0) + n
+        total = sum(sources.values())
+        for name, n in sorted(sources.items()):
+            out[f"data_share/{name}"] = n / total if total else 0.0
+        if hasattr(self.loader, "metrics"):
+            out.update(self.loader.metrics())
+        return out
 
     def _expert_load_metrics(self, update_bias: bool) -> dict[str, Any]:
         load = collect_expert_load(self.model)
@@ -210,6 +227,19 @@ class Trainer:
                     last_saved = self.step
             if cfg.checkpoint.save_final and last_saved != self.step:
                 self.save()
+            self.final_report()
         finally:
             metrics.close()
         return history
+
+    def final_report(self) -> None:
+        """The held-out caption check (vision models, when asked for) and the loss-curve plot."""
+        if self.cfg.train.heldout_caption_docs and self.model.visual is not None:
+            result = caption_loss_gap(self.model, self.cfg.data, self.cfg.train.heldout_caption_docs,
+                                      self.device, self.amp_dtype, seed=self.cfg.train.seed)
+            write_caption_report(result, self.run_dir)
+        metrics_file = self.run_dir / "metrics.jsonl"
+        if metrics_file.exists():
+            records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
+            plot_loss_curves(records, self.run_dir / "loss_curves.png")
+            log.info("loss curves: %s", self.run_dir / "loss_curves.png")

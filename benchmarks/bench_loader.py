@@ -1,0 +1,131 @@
+"""The streaming loader against bare webdataset + pillow decoding of the same shards.
+
+    python benchmarks/bench_loader.py [--docs 1024] [--rounds 3]
+
+Writes synthetic shards (data/synthetic.py) to a temp dir, then times, round-robin in one process:
+- baseline: `webdataset.WebDataset(urls)` iterating the raw samples and decoding every image (and
+  every GIF frame) to an RGB array with pillow: the decode cost any loader pays;
+- the project's loader (experiment smoke_cpu's data config: B=8, T=256) with 0, 1 and 2
+  DataLoader workers: decode + resize/patchify + tokenize + pack + M-RoPE + collate.
+Reports documents/s and tokens/s, the cost per document relative to the bare decode, and the
+headroom over what the smoke trainer consumes (tokens per step / seconds per step, measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+from common import OtherLoad, machine_line, markdown_table  # noqa: I001
+
+import webdataset as wds
+from PIL import Image, ImageSequence
+
+from data.config import DataConfig
+from data.synthetic import write_synthetic
+from data.webdataset_loader import WebDatasetLoader
+
+
+def bare_decode(urls: list[str], n: int) -> tuple[float, int]:
+    """Seconds to read and pillow-decode the first n samples."""
+    t0 = time.perf_counter()
+    seen = 0
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        for key, value in sample.items():
+            if key.endswith(".png"):
+                np.asarray(Image.open(io.BytesIO(value)).convert("RGB"))
+            elif key.endswith(".gif"):
+                for frame in ImageSequence.Iterator(Image.open(io.BytesIO(value))):
+                    np.asarray(frame.convert("RGB"))
+        seen += 1
+        if seen == n:
+            break
+    return time.perf_counter() - t0, seen
+
+
+def loader_run(cfg: DataConfig, n: int) -> tuple[float, int, int]:
+    """(seconds, documents, tokens) to take batches until n documents were packed; worker start-up
+    is excluded (timed from the first batch)."""
+    loader = WebDatasetLoader(cfg)
+    first = next(loader)
+    docs = tokens = 0
+    t0 = time.perf_counter()
+    while docs < n:
+        b = next(loader)
+        docs += int((b["input_ids"] == 0).sum())  # one end-of-document token per document
+        tokens += int((b["input_ids"] != 1).sum())
+    dt = time.perf_counter() - t0
+    loader.close()
+    del first
+    return dt, docs, tokens
+
+
+def trainer_rate() -> tuple[float, float]:
+    """(tokens per step, seconds per step) of the smoke_cpu trainer, 3 steps after 1 warmup."""
+    from pathlib import Path
+
+    from train.main import load_config
+    from train.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as d:
+        cfg = load_config(["experiment=smoke_cpu", "logging.wandb=disabled", "data.num_workers=0",
+                           f"run_dir={d}", "train.resume=never", "train.peak_flops=1e12",
+                           f"data.shards='{d}/shard-{{000000..000001}}.tar'"])
+        t = Trainer(cfg, Path(d))
+        t.train_step()
+        times, waits = [], []
+        for _ in range(3):
+            s = time.perf_counter()
+            r = t.train_step()
+            times.append(time.perf_counter() - s)
+            waits.append(r["data_wait_s"])
+        return cfg.data.batch_size * cfg.data.seq_len, statistics.median(times), statistics.median(waits)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--docs", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    load = OtherLoad()
+    with tempfile.TemporaryDirectory() as d:
+        urls = write_synthetic(d, seed=11, num_shards=8, docs_per_shard=256)
+        base = dict(name="webdataset", shards=f"{d}/shard-{{000000..000007}}.tar", seq_len=256,
+                    batch_size=8, image_min_pixels=1024, video_min_pixels=1024)
+        runs = {"bare webdataset + pillow decode": lambda: bare_decode(urls, args.docs)}
+        for w in (0, 1, 2):
+            runs[f"loader, {w} workers"] = (lambda w=w: loader_run(DataConfig(**base, num_workers=w), args.docs))
+        results: dict[str, list] = {k: [] for k in runs}
+        for _ in range(args.rounds):
+            for k, fn in runs.items():
+                results[k].append(fn())
+    rows = []
+    bare_per_doc = statistics.median(r[0] / r[1] for r in results["bare webdataset + pillow decode"])
+    tok_per_step, step_s, wait_s = trainer_rate()
+    need = tok_per_step / step_s
+    for k, rs in results.items():
+        per_doc = statistics.median(r[0] / r[1] for r in rs)
+        if len(rs[0]) == 3:
+            tok_s = statistics.median(r[2] / r[0] for r in rs)
+            rows.append([k, f"{1 / per_doc:.0f}", f"{tok_s / 1e3:.1f}k", f"{per_doc / bare_per_doc:.2f}x",
+                         f"{tok_s / need:.0f}x"])
+        else:
+            rows.append([k, f"{1 / per_doc:.0f}", "-", "1.00x", "-"])
+    print(f"loader vs bare decode, {args.docs} synthetic documents per run (images 96x96 png, clips "
+          f"8x64x64 gif), B=8 T=256, median of {args.rounds} rounds")
+    print(markdown_table(["pipeline", "docs/s", "tokens/s", "cost per doc vs bare",
+                          "vs smoke trainer need"], rows))
+    print(f"smoke_cpu trainer: {tok_per_step} tokens per step, {step_s:.2f} s per step "
+          f"({need / 1e3:.2f}k tokens/s), waiting for data {wait_s * 1e3:.1f} ms per step "
+          f"(in-process loader)")
+    print(machine_line())
+    print(load.note())
+
+
+if __name__ == "__main__":
+    main()

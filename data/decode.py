@@ -1,0 +1,113 @@
+"""Media bytes -> uint8 tensors: images through pillow; videos through pillow (animated gif, webp,
+png), else decord, else PyAV. Failures raise BadSample with the counter they go to."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageSequence
+
+from data.format import BadSample
+
+PILLOW_VIDEO = ("gif", "webp", "png", "apng")
+# Decoding an image far over the budget costs time and memory for pixels that are thrown away:
+# pillow's reducer (and JPEG draft mode) shrink it first, to at most this factor over the budget.
+REDUCE_SLACK = 4
+
+
+def _ext(key: str) -> str:
+    return key.rsplit(".", 1)[-1].lower()
+
+
+def decode_image(data: bytes, max_pixels: int) -> tuple[torch.Tensor, bool]:
+    """Encoded image -> ([3, H, W] uint8, oversized). Oversized images (over ``max_pixels``) come
+    back already reduced towards the budget; the exact resize is model/vision_processing's."""
+    if not data:
+        raise BadSample("bad_image", "zero-byte image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            oversized = w * h > max_pixels
+            if oversized and img.format == "JPEG":
+                img.draft("RGB", (max(1, int(w * (REDUCE_SLACK * max_pixels / (w * h)) ** 0.5)),
+                                  max(1, int(h * (REDUCE_SLACK * max_pixels / (w * h)) ** 0.5))))
+            img = img.convert("RGB")
+            w, h = img.size
+            factor = int((w * h / (REDUCE_SLACK * max_pixels)) ** 0.5)
+            if factor >= 2:
+                img = img.reduce(factor)
+            arr = np.array(img)  # writable: torch warns on read-only arrays
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
+        raise BadSample("bad_image", f"undecodable image: {type(e).__name__}: {e}") from None
+    if arr.ndim != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise BadSample("bad_image", f"image of shape {arr.shape}")
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1), oversized
+
+
+def decode_video(data: bytes, key: str, fps_hint: float | None = None) -> tuple[torch.Tensor, float]:
+    """Encoded clip -> (frames [F, 3, H, W] uint8, frames per second)."""
+    if not data:
+        raise BadSample("bad_video", "zero-byte video")
+    ext = _ext(key)
+    try:
+        if ext in PILLOW_VIDEO:
+            frames, fps = _pillow_frames(data)
+        else:
+            frames, fps = _decord_or_av(data)
+    except BadSample:
+        raise
+    except Exception as e:  # noqa: BLE001 - decoders raise many types; any of them = bad video
+        raise BadSample("bad_video", f"undecodable video {key!r}: {type(e).__name__}: {e}") from None
+    if not frames:
+        raise BadSample("bad_video", f"video {key!r} has no frames")
+    fps = fps_hint or fps or 1.0
+    out = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
+    return out, float(fps)
+
+
+def _pillow_frames(data: bytes) -> tuple[list[np.ndarray], float | None]:
+    img = Image.open(io.BytesIO(data))
+    frames, durations = [], []
+    for frame in ImageSequence.Iterator(img):
+        frames.append(np.asarray(frame.convert("RGB")))
+        durations.append(frame.info.get("duration") or 0)
+    mean_ms = sum(durations) / len(durations) if durations else 0
+    return frames, (1000.0 / mean_ms if mean_ms > 0 else None)
+
+
+def _decord_or_av(data: bytes) -> tuple[list[np.ndarray], float | None]:
+    try:
+        import decord  # noqa: F401
+    except ImportError:
+        decord = None
+    if decord is not None:
+        vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0))
+        batch = vr.get_batch(list(range(len(vr)))).asnumpy()
+        return list(batch), float(vr.get_avg_fps())
+    try:
+        import av
+    except ImportError:
+        raise BadSample("no_video_decoder", "no video decoder: pip install '.[video]' (decord "
+                                            "or PyAV) to read this video") from None
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate) if stream.average_rate else None
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+    return frames, fps
+
+
+def has_video_decoder() -> bool:
+    """Whether non-pillow containers (mp4, webm, ...) can be decoded here."""
+    for name in ("decord", "av"):
+        try:
+            __import__(name)
+            return True
+        except ImportError:
+            pass
+    return False

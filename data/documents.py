@@ -1,0 +1,99 @@
+"""Raw webdataset samples -> tokenised documents with their processed images and videos.
+
+decode (data/decode.py) -> resize to the patch grid within the pixel budget, normalise, patchify
+(model/vision_processing.py) -> tokenize text and lay out the vision placeholders
+(model/vision_tokens.py). A document remembers where each visual item's tokens are, so that the
+packer never cuts through one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Optional
+
+from data.config import DataConfig
+from data.decode import decode_image, decode_video
+from data.format import BadSample, parse_sample
+from model.vision_processing import VisualInput, process_image, process_video
+from model.vision_tokens import VisionTokenIds, image_token_ids, num_visual_tokens, video_token_ids
+
+
+@dataclass
+class VisualItem:
+    start: int  # first token of the item's layout (video: its first timestamp text) in the document
+    end: int  # one past its last token (<|vision_end|>)
+    visual: VisualInput
+    num_tokens: int  # merged visual tokens (pads)
+
+
+@dataclass
+class Document:
+    """Token ids (end-of-document included) and visual items in order; ``ref`` locates the raw
+    sample in its stream (for the packer's resumable carry), ``offset`` is where this piece starts
+    in the whole document (> 0 for the remainder of a split document)."""
+
+    tokens: list[int]
+    items: list[VisualItem] = field(default_factory=list)
+    source: str = "default"
+    ref: Optional[dict[str, Any]] = None
+    offset: int = 0
+
+    @property
+    def num_visual(self) -> int:
+        return sum(it.num_tokens for it in self.items)
+
+    def tail(self, cut: int) -> "Document":
+        """The piece from token ``cut`` on; ``cut`` must not fall inside an item."""
+        items = [replace(it, start=it.start - cut, end=it.end - cut) for it in self.items
+                 if it.start >= cut]
+        return Document(self.tokens[cut:], items, self.source, self.ref, self.offset + cut)
+
+    def head(self, cut: int) -> "Document":
+        return Document(self.tokens[:cut], [it for it in self.items if it.end <= cut], self.source,
+                        self.ref, self.offset)
+
+
+class DocumentBuilder:
+    """``build(raw, source)`` -> Document, or raises BadSample. ``count(kind)`` is called for
+    samples that are kept but noteworthy (``oversized_image``: resized down to the budget)."""
+
+    def __init__(self, cfg: DataConfig, tokenizer, count: Callable[[str], None] | None = None):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.ids = VisionTokenIds.from_tokenizer(tokenizer)
+        self.eos_id = tokenizer.eos_id
+        self.count = count or (lambda kind: None)
+
+    def build(self, raw: dict[str, Any], source: str = "default") -> Document:
+        c, merge = self.cfg, self.cfg.merge_size
+        tokens: list[int] = []
+        items: list[VisualItem] = []
+        for seg in parse_sample(raw):
+            if "text" in seg:
+                tokens += self.tokenizer.encode(seg["text"])
+                continue
+            if "image" in seg:
+                pixels, oversized = decode_image(seg["image"], c.image_max_pixels)
+                if oversized:
+                    self.count("oversized_image")
+                try:
+                    vis = process_image(pixels, c.patch_size, c.temporal_patch_size, merge,
+                                        c.image_min_pixels, c.image_max_pixels)
+                except ValueError as e:  # e.g. an aspect ratio over 200
+                    raise BadSample("bad_image", f"image {seg['key']!r}: {e}") from None
+                layout = image_token_ids(vis.grid_thw, self.ids, merge)
+            else:
+                frames, fps = decode_video(seg["video"], seg["key"], seg.get("fps"))
+                try:
+                    vis = process_video(frames, fps, c.video_fps, c.patch_size, c.temporal_patch_size,
+                                        merge, c.video_min_pixels, c.video_max_pixels,
+                                        c.video_min_frames, c.video_max_frames)
+                except ValueError as e:
+                    raise BadSample("bad_video", f"video {seg['key']!r}: {e}") from None
+                layout = video_token_ids(vis.grid_thw, vis.timestamps, self.tokenizer, self.ids, merge)
+            items.append(VisualItem(len(tokens), len(tokens) + len(layout), vis,
+                                    num_visual_tokens(vis.grid_thw, merge)))
+            tokens += layout
+        if not tokens:
+            raise BadSample("empty_document", "the document has no tokens")
+        return Document(tokens + [self.eos_id], items, source)

@@ -1,0 +1,230 @@
+"""Shard lists, their split over readers, and a resumable stream of raw samples per reader.
+
+A *reader* (slot) is one (data-parallel rank, loader worker) pair: slot = rank * workers + worker,
+of ``num_slots = dp_world * workers``. Every epoch has its own shard order (seeded), and the slots
+divide it so that each sample of the epoch is read by exactly one slot:
+
+- whole rounds of ``num_slots`` shards go one shard per slot;
+- the ``m < num_slots`` shards left over (all of them when there are fewer shards than slots) are
+  shared: slot s reads leftover shard ``s % m`` and keeps its samples ``i`` with
+  ``i % k == s // m``, k being the number of slots on that shard. Such a shard's bytes are read
+  by k slots, but each sample is decoded by one.
+
+Within a slot, samples are shuffled in *blocks*: ``block`` consecutive samples are read, permuted
+by a seed of (seed, slot, epoch, block number) and emitted. A block can cross shard boundaries, so
+with ``block`` at least a shard's size it mixes several shards. The block shuffle was chosen over
+webdataset's reservoir buffer for exact resume: a stream's whole state is the position where its
+current block started plus how many of its samples were emitted (a few ints); restoring re-reads at
+most one block from that position, whereas a reservoir can hold samples from arbitrarily far back.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import random
+import re
+import tarfile
+from typing import Any, Callable, Iterator, Optional
+
+from webdataset.gopen import gopen
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import base_plus_ext
+
+from data.format import BadSample
+
+log = logging.getLogger("data")
+URL = re.compile(r"^[a-z][a-z0-9+.-]*:", re.I)  # pipe:, http:, s3:, gs:, file: ...
+
+
+def expand_shards(spec: str, field: str = "data.shards") -> list[str]:
+    """A shard spec -> the list of shard URLs/paths, in order.
+
+    Parts separated by "::" are concatenated; each is brace-expanded (``{000..009}``, webdataset's
+    rule); a local part with ``*?[`` is a glob. URLs (``pipe:...``, ``http://...``) are kept as is.
+    A local file that does not exist or a glob without match raises ValueError naming it.
+    """
+    if not spec or not spec.strip():
+        raise ValueError(f"{field}={spec!r}: no shards given")
+    out: list[str] = []
+    for part in spec.split("::"):
+        part = part.strip()
+        if not part:
+            continue
+        for url in expand_urls(part):
+            if URL.match(url) and not url.startswith("file:"):
+                out.append(url)
+                continue
+            path = os.path.expanduser(url[5:] if url.startswith("file:") else url)
+            if any(c in path for c in "*?["):
+                found = sorted(glob.glob(path))
+                if not found:
+                    raise ValueError(f"{field}={spec!r}: the glob {path!r} matches no file")
+                out += found
+            elif not os.path.exists(path):
+                raise ValueError(f"{field}={spec!r}: shard {path!r} does not exist")
+            else:
+                out.append(path)
+    if not out:
+        raise ValueError(f"{field}={spec!r}: no shards given")
+    return out
+
+
+def slot_plan(num_shards: int, slot: int, num_slots: int, epoch: int, seed: int,
+              shuffle: bool = True) -> list[tuple[int, int, int]]:
+    """The shards slot ``slot`` reads in ``epoch``: a list of (shard index, k, r), keeping the
+    shard's samples i with i % k == r (k = 1: all of them)."""
+    order = list(range(num_shards))
+    if shuffle:
+        random.Random(f"shards:{seed}:{epoch}").shuffle(order)
+    full = num_shards // num_slots * num_slots
+    plan = [(order[i], 1, 0) for i in range(slot, full, num_slots)]
+    m = num_shards - full
+    if m:
+        j = slot % m
+        plan.append((order[full + j], len(range(j, num_slots, m)), slot // m))
+    return plan
+
+
+def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
+    """Samples of one tar shard: dicts of extension -> bytes plus ``__key__`` and ``__url__``,
+    grouping consecutive files by key (webdataset's ``base_plus_ext`` rule).
+
+    A shard that cannot be opened or read raises BadSample("unreadable_shard") before its first
+    sample, or BadSample("truncated_shard") after the samples that were complete (the sample cut
+    by the damage is not yielded).
+    """
+    yielded = 0
+    try:
+        stream = gopen(url, "rb")
+    except Exception as e:  # noqa: BLE001 - any opener failure is a bad shard
+        raise BadSample("unreadable_shard", f"{url}: cannot open: {e}") from None
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|*")
+        current: Optional[dict[str, Any]] = None
+        for info in tar:
+            if not info.isreg():
+                continue
+            key, ext = base_plus_ext(info.name)
+            if key is None or ext is None or os.path.basename(info.name).startswith("__"):
+                continue
+            if current is not None and current["__key__"] != key:
+                # A new key starts: the previous sample is complete even if this file is damaged.
+                yield current
+                yielded += 1
+                current = None
+            data = tar.extractfile(info).read()
+            if current is None:
+                current = {"__key__": key, "__url__": url}
+            current[ext.lower()] = data
+        if current is not None:
+            yield current
+            yielded += 1
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        kind = "truncated_shard" if yielded else "unreadable_shard"
+        raise BadSample(kind, f"{url}: {type(e).__name__}: {e} (after {yielded} samples)") from None
+    finally:
+        try:
+            stream.close()
+        except Exception:  # noqa: BLE001 - e.g. a pipe whose command failed
+            pass
+
+
+class ShardStream:
+    """The raw samples of one slot of one source, epoch after epoch, block-shuffled, resumable.
+
+    ``next()`` -> raw sample dict, or None once ``epochs`` passes are done. ``state_dict()`` is a
+    few ints; ``load_state_dict`` puts the stream back exactly (re-reading at most one block).
+    ``on_bad(kind, message)`` is called for each unreadable or truncated shard.
+    """
+
+    def __init__(self, urls: list[str], slot: int, num_slots: int, seed: int, block: int,
+                 shuffle_shards: bool = True, epochs: Optional[int] = None,
+                 on_bad: Callable[[str, str], None] | None = None):
+        self.urls, self.slot, self.num_slots, self.seed = urls, slot, num_slots, seed
+        self.block_size = max(1, block)
+        self.shuffle_shards, self.epochs = shuffle_shards, epochs
+        self.on_bad = on_bad or (lambda kind, msg: None)
+        # Position where the current block starts: epoch, index in the slot's plan, sample index
+        # within that shard (all samples of the shard, taken or not); the block's number; emitted.
+        self.epoch, self.plan_pos, self.sample_pos, self.block_no, self.emitted = 0, 0, 0, 0, 0
+        self._block: list[dict[str, Any]] = []
+        self._next_start = (0, 0, 0)  # where the block after the current one starts
+        self._loaded = False
+        self._reader: Optional[Iterator] = None  # kept open across blocks: no re-skipping
+        self._read_pos = (0, 0, 0)  # where the reader stands
+
+    # ---- reading --------------------------------------------------------------------------------
+
+    def _epoch_reader(self, epoch: int, plan_pos: int, sample_pos: int) -> Iterator[tuple[tuple[int, int, int], dict]]:
+        """(position after the sample, sample) for this slot's samples of one epoch from a position."""
+        plan = slot_plan(len(self.urls), self.slot, self.num_slots, epoch, self.seed,
+                         self.shuffle_shards)
+        while plan_pos < len(plan):
+            shard, k, r = plan[plan_pos]
+            i = 0
+            try:
+                for sample in iter_tar_samples(self.urls[shard]):
+                    if i >= sample_pos and i % k == r:
+                        yield (epoch, plan_pos, i + 1), sample
+                    i += 1
+            except BadSample as e:
+                # Of the k slots sharing a shard only the one with r == 0 reports its damage, so it
+                # is counted once.
+                if r == 0:
+                    self.on_bad(e.kind, str(e))
+            plan_pos, sample_pos = plan_pos + 1, 0
+
+    def _fill(self) -> None:
+        """Read the block starting at (epoch, plan_pos, sample_pos) and permute it; move to the
+        next epoch when this one has no sample left."""
+        while self.epochs is None or self.epoch < self.epochs:
+            start = (self.epoch, self.plan_pos, self.sample_pos)
+            if self._reader is None or self._read_pos != start:
+                self._reader = self._epoch_reader(*start)
+                self._read_pos = start
+            block = []
+            for pos, sample in self._reader:
+                block.append(sample)
+                self._read_pos = pos
+                if len(block) == self.block_size:
+                    break
+            if block:
+                random.Random(f"block:{self.seed}:{self.slot}:{self.epoch}:{self.block_no}").shuffle(block)
+                self._block, self._next_start = block, self._read_pos
+                return
+            if start == (self.epoch, 0, 0):
+                raise RuntimeError(f"no readable sample for reader {self.slot} of {self.num_slots} "
+                                   f"in epoch {self.epoch} of shards {self.urls[:3]}"
+                                   f"{' ...' if len(self.urls) > 3 else ''}")
+            self.epoch, self.plan_pos, self.sample_pos, self.block_no = self.epoch + 1, 0, 0, 0
+            self._reader = None
+        self._block, self._next_start = [], (self.epoch, 0, 0)
+
+    def next(self) -> Optional[dict[str, Any]]:
+        """The next raw sample of this slot, or None when all epochs are done."""
+        if not self._loaded:
+            self._loaded = True
+            self._fill()
+            del self._block[len(self._block) - self.emitted:]  # resuming mid-block
+        if not self._block:
+            self.epoch, self.plan_pos, self.sample_pos = self._next_start
+            self.block_no, self.emitted = self.block_no + 1, 0
+            self._fill()
+            if not self._block:
+                return None
+        self.emitted += 1
+        return self._block.pop()
+
+    # ---- state -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "plan_pos": self.plan_pos, "sample_pos": self.sample_pos,
+                "block_no": self.block_no, "emitted": self.emitted}
+
+    def load_state_dict(self, sd: dict[str, int]) -> None:
+        """Put the stream back to ``sd``; the block is re-read on the next ``next()``."""
+        self.epoch, self.plan_pos, self.sample_pos = sd["epoch"], sd["plan_pos"], sd["sample_pos"]
+        self.block_no, self.emitted = sd["block_no"], sd["emitted"]
+        self._block, self._loaded = [], False

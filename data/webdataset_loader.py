@@ -1,0 +1,307 @@
+"""The streaming multimodal loader: webdataset shards -> packed multimodal batches, resumable.
+
+Per rank, ``data.num_workers`` DataLoader workers (or the training process itself when 0) each run
+one *slot* pipeline (slot = rank * workers + worker; data/shards.py splits the shards over slots):
+
+    shard stream per source (block-shuffled) -> mixture draw -> decode + process + tokenize
+    (data/documents.py) -> pack (data/mm_packing.py) -> collate -> batch
+
+Exact resume. Every step of a slot is a pure function of (seed, slot, what it consumed), so a
+slot's state is a few ints: per source, the position of its stream's current block and how much
+of it was emitted; the number of mixture draws; the skip counters; and the packer's carried piece,
+stored not as tokens and pixels but as the position of its raw sample in its stream plus the
+offset of the cut (restoring decodes that one sample again). Workers attach their state to every
+batch; the loader keeps the state of the last batch consumed from each worker, and which worker
+comes next. A resumed loader rotates the workers' roles so that the DataLoader's round robin
+continues where it stopped. Exact resume needs the same data.seed, shards, data-parallel size and
+data.num_workers; a different layout is refused with a message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections import Counter
+from typing import Any, Optional
+
+import torch
+
+from data.config import DataConfig, source_specs, validate_data_config
+from data.documents import Document, DocumentBuilder
+from data.format import BadSample
+from data.mm_packing import MMRow, MultimodalPacker, collate_rows
+from data.shards import ShardStream, expand_shards
+from data.tokenizer import load_tokenizer
+from model.vision_tokens import VisionTokenIds
+
+log = logging.getLogger("data")
+STATE_VERSION = 1
+LOG_FIRST = 10  # per kind and slot, then every LOG_EVERY-th
+LOG_EVERY = 1000
+
+
+class SlotPipeline:
+    """One slot: its source streams, mixture, document builder and packer. ``next_batch()`` -> batch
+    dict (see data/mm_packing.py:collate_rows) or None when every source is exhausted."""
+
+    def __init__(self, cfg: DataConfig, tokenizer, sources: dict[str, tuple[list[str], float]],
+                 slot: int, num_slots: int):
+        self.cfg, self.slot = cfg, slot
+        self.tokenizer = tokenizer
+        self.ids = VisionTokenIds.from_tokenizer(tokenizer)
+        self.skipped: Counter = Counter()
+        self._quiet = False
+        self.builder = DocumentBuilder(cfg, tokenizer, count=lambda kind: self._skip(kind, ""))
+        self.streams = {
+            name: ShardStream(urls, slot, num_slots, f"{cfg.seed}:{name}", cfg.shuffle_buffer,
+                              cfg.shuffle_shards, cfg.epochs, on_bad=self._skip)
+            for name, (urls, _) in sources.items()}
+        self.weights = {name: w for name, (_, w) in sources.items()}
+        self.done: set[str] = set()
+        self.draws = 0
+        cap = cfg.max_visual_tokens or cfg.seq_len // 2
+        self.packer = MultimodalPacker(cfg.seq_len, cap, tokenizer.pad_id, on_skip=self._skip)
+        self.batches = 0
+        self.exhausted = False
+
+    def _skip(self, kind: str, message: str) -> None:
+        if self._quiet:
+            return
+        self.skipped[kind] += 1
+        n = self.skipped[kind]
+        if message and (n <= LOG_FIRST or n % LOG_EVERY == 0):
+            log.warning("data: %s #%d (reader %d): %s", kind, n, self.slot, message)
+
+    def _draw(self) -> Optional[str]:
+        live = [n for n in self.weights if n not in self.done]
+        if not live:
+            return None
+        if len(live) == 1:
+            return live[0]
+        # Counter-based: draw k is a pure function of (seed, slot, k), nothing else to checkpoint.
+        x = random.Random(f"mix:{self.cfg.seed}:{self.slot}:{self.draws}").random()
+        self.draws += 1
+        x *= sum(self.weights[n] for n in live)
+        for n in live:
+            x -= self.weights[n]
+            if x < 0:
+                return n
+        return live[-1]
+
+    def next_doc(self) -> Optional[Document]:
+        while True:
+            name = self._draw()
+            if name is None:
+                return None
+            stream = self.streams[name]
+            ref = stream.state_dict()
+            raw = stream.next()
+            if raw is None:
+                self.done.add(name)
+                continue
+            try:
+                doc = self.builder.build(raw, name)
+            except BadSample as e:
+                self._skip(e.kind, f"{raw.get('__url__')} sample {raw.get('__key__')!r}: {e}")
+                continue
+            doc.ref = ref
+            return doc
+
+    def _doc_at(self, name: str, ref: dict, offset: int) -> Document:
+        """The piece from ``offset`` of the document whose raw sample is at ``ref`` (resume)."""
+        stream = self.streams[name]
+        here = stream.state_dict()
+        stream.load_state_dict(ref)
+        raw = stream.next()
+        self._quiet = True
+        try:
+            doc = self.builder.build(raw, name)
+        finally:
+            self._quiet = False
+            stream.load_state_dict(here)
+        doc.ref = ref
+        return doc.tail(offset) if offset else doc
+
+    def next_batch(self) -> Optional[dict]:
+        # Tensors here are small: with intra-op threads, synchronising them costs milliseconds per
+        # op on a loaded machine, 100x the op itself. One thread for the data work, then restore.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._next_batch()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _next_batch(self) -> Optional[dict]:
+        if self.exhausted:
+            return None
+        rows: list[MMRow] = []
+        for _ in range(self.cfg.batch_size):
+            row = self.packer.next_row(self.next_doc)
+            if row is None:
+                break
+            rows.append(row)
+        if len(rows) < self.cfg.batch_size:
+            self.exhausted = True
+            if not rows:
+                return None
+            T, pad = self.cfg.seq_len, self.tokenizer.pad_id
+            rows += [MMRow([pad] * T, [T], T) for _ in range(self.cfg.batch_size - len(rows))]
+        self.batches += 1
+        return collate_rows(rows, self.ids, self.cfg.merge_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        carry = self.packer.carry
+        return {
+            "streams": {n: s.state_dict() for n, s in self.streams.items()},
+            "draws": self.draws,
+            "done": sorted(self.done),
+            "carry": None if carry is None else {"source": carry.source, "ref": dict(carry.ref),
+                                                 "offset": carry.offset},
+            "skipped": dict(self.skipped),
+            "batches": self.batches,
+            "exhausted": int(self.exhausted),
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if set(sd["streams"]) != set(self.streams):
+            raise ValueError(f"data loader state has sources {sorted(sd['streams'])} but the config "
+                             f"has {sorted(self.streams)}")
+        for n, s in sd["streams"].items():
+            self.streams[n].load_state_dict(s)
+        c = sd["carry"]
+        self.packer.carry = None if c is None else self._doc_at(c["source"], c["ref"], c["offset"])
+        self.draws, self.done = int(sd["draws"]), set(sd["done"])
+        self.skipped = Counter(sd["skipped"])
+        self.batches, self.exhausted = int(sd["batches"]), bool(sd["exhausted"])
+
+
+class _SlotDataset(torch.utils.data.IterableDataset):
+    """What each DataLoader worker runs: the pipeline of its logical worker, from its saved state."""
+
+    def __init__(self, cfg: DataConfig, sources, dp_rank: int, dp_world: int, workers: int,
+                 states: list[Optional[dict]], offset: int):
+        self.cfg, self.sources = cfg, sources
+        self.dp_rank, self.dp_world, self.workers = dp_rank, dp_world, workers
+        self.states, self.offset = states, offset
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        if info is not None:
+            torch.set_num_threads(1)  # the training process owns the cores
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        physical = 0 if info is None else info.id
+        logical = (physical + self.offset) % self.workers
+        tok = load_tokenizer(self.cfg.tokenizer)
+        pipe = SlotPipeline(self.cfg, tok, self.sources, self.dp_rank * self.workers + logical,
+                            self.dp_world * self.workers)
+        if self.states[logical] is not None:
+            pipe.load_state_dict(self.states[logical])
+        while True:
+            batch = pipe.next_batch()
+            if batch is None:
+                return
+            batch["_state"] = {"worker": logical, **pipe.state_dict()}
+            yield batch
+
+
+class WebDatasetLoader:
+    """Iterable of batches for one data-parallel rank (tensor-parallel ranks of the same dp rank get
+    identical batches). ``next(loader)`` -> dict; see data/mm_packing.py:collate_rows. Also
+    ``state_dict()`` / ``load_state_dict()`` (exact resume) and ``metrics()`` (skip counters)."""
+
+    def __init__(self, cfg: DataConfig, dp_rank: int = 0, dp_world: int = 1):
+        validate_data_config(cfg)
+        if dp_world < 1 or not 0 <= dp_rank < dp_world:
+            raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_world={dp_world}) and dp_world >= 1")
+        self.cfg, self.dp_rank, self.dp_world = cfg, dp_rank, dp_world
+        self.sources = resolve_sources(cfg)
+        tok = load_tokenizer(cfg.tokenizer)  # fail at start-up on a bad path or missing tokens
+        VisionTokenIds.from_tokenizer(tok)
+        self.workers = max(1, cfg.num_workers)
+        self.states: list[Optional[dict]] = [None] * self.workers
+        self.next_worker = 0  # logical worker of the next batch
+        self.batches = 0
+        self._it = None
+
+    def _start(self) -> None:
+        ds = _SlotDataset(self.cfg, self.sources, self.dp_rank, self.dp_world, self.workers,
+                          list(self.states), self.next_worker)
+        if self.cfg.num_workers == 0:
+            self._it = iter(ds)
+        else:
+            self._it = iter(torch.utils.data.DataLoader(
+                ds, batch_size=None, num_workers=self.cfg.num_workers,
+                prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False))
+
+    def __iter__(self) -> "WebDatasetLoader":
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._start()
+        batch = next(self._it)
+        state = batch.pop("_state")
+        w = state.pop("worker")
+        self.states[w] = state
+        self.next_worker = (w + 1) % self.workers
+        self.batches += 1
+        return batch
+
+    def metrics(self) -> dict[str, int]:
+        """Skipped (or, for ``oversized_image``, resized) samples so far, by kind, over the workers
+        of this rank, as of the batches consumed: ``{"skipped/<kind>": n}``."""
+        total: Counter = Counter()
+        for s in self.states:
+            if s is not None:
+                total.update(s["skipped"])
+        return {f"skipped/{k}": v for k, v in sorted(total.items())}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "kind": "webdataset", "seed": self.cfg.seed,
+                "dp_rank": self.dp_rank, "dp_world": self.dp_world, "workers": self.workers,
+                "shards": {n: len(u) for n, (u, _) in self.sources.items()},
+                "batches": self.batches, "next_worker": self.next_worker,
+                "states": list(self.states)}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if sd.get("kind") != "webdataset" or int(sd["version"]) != STATE_VERSION:
+            raise ValueError(f"data loader state of kind {sd.get('kind')!r} version "
+                             f"{sd.get('version')} is not a webdataset loader state v{STATE_VERSION}")
+        here = {"seed": self.cfg.seed, "dp_rank": self.dp_rank, "dp_world": self.dp_world,
+                "workers": self.workers,
+                "shards": {n: len(u) for n, (u, _) in self.sources.items()}}
+        for key, want in here.items():
+            if sd[key] != want:
+                raise ValueError(
+                    f"data loader state has {key}={sd[key]} but this loader has {key}={want}; exact "
+                    f"resume needs the same data.seed, shards, data-parallel size and data.num_workers")
+        self.close()
+        self.states = list(sd["states"])
+        self.next_worker = int(sd["next_worker"])
+        self.batches = int(sd["batches"])
+
+    def close(self) -> None:
+        self._it = None  # a DataLoader iterator shuts its workers down when collected
+
+
+def resolve_sources(cfg: DataConfig) -> dict[str, tuple[list[str], float]]:
+    """name -> (shard URLs, weight); writes synthetic shards first when asked and missing."""
+    out = {}
+    for name, (spec, weight) in source_specs(cfg).items():
+        field = f"data.sources.{name}.shards" if cfg.sources else "data.shards"
+        try:
+            urls = expand_shards(spec, field)
+        except ValueError as missing:
+            if not cfg.generate_synthetic:
+                raise
+            from data.synthetic import write_for_spec
+
+            try:
+                write_for_spec(spec, cfg.seed)
+            except ValueError as e:
+                raise ValueError(f"{missing}; and {e}") from None
+            urls = expand_shards(spec, field)
+        out[name] = (urls, weight)
+    return out

@@ -1,0 +1,407 @@
+"""The webdataset data path: shard format and writer, synthetic shards, shard lists and their
+split, packing, mixtures, exact resume (batch by batch, with workers), and bad input."""
+
+import io
+import json
+import os
+import tarfile
+
+import pytest
+import torch
+from PIL import Image
+
+from data import build_loader
+from data.config import DataConfig, SourceConfig
+from data.format import ShardSink, encode_sample, parse_sample
+from data.mm_packing import best_cut
+from data.shards import ShardStream, expand_shards, iter_tar_samples, slot_plan
+from data.synthetic import synthetic_sample, write_synthetic
+from data.synthetic_text import SyntheticText
+from data.tokenizer import load_tokenizer
+from data.webdataset_loader import SlotPipeline, WebDatasetLoader, resolve_sources
+from data.write import main as write_main
+from model.mrope import mrope_position_ids
+
+IMG, VID, VS, VE = 4, 5, 2, 3
+SMALL = dict(name="webdataset", seq_len=128, batch_size=4, image_min_pixels=1024,
+             video_min_pixels=1024, shuffle_buffer=8)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(None)
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory):
+    d = tmp_path_factory.mktemp("syn")
+    write_synthetic(str(d), seed=3, num_shards=3, docs_per_shard=24)
+    return d
+
+
+def spec(d, n=3):
+    return f"{d}/shard-{{000000..{n - 1:06d}}}.tar"
+
+
+def cfg(**kw):
+    return DataConfig(**{**SMALL, **kw})
+
+
+def png(w=40, h=40, colour=(200, 10, 10)):
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def all_batches(loader, limit=10_000):
+    out = []
+    for b in loader:
+        out.append(b)
+        if len(out) >= limit:
+            break
+    return out
+
+
+def assert_same_batch(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+# ---- format, writer, synthetic --------------------------------------------------------------
+
+
+def test_writer_cli_builds_shards_and_reports_skips(tmp_path, capsys, tok):
+    media = tmp_path / "in"
+    media.mkdir()
+    (media / "a.png").write_bytes(png())
+    (media / "broken.png").write_bytes(b"not an image")
+    lines = [
+        {"image": "a.png", "caption": "a red square"},
+        {"text": "plain text document"},
+        {"segments": [{"text": "Look:"}, {"image": "a.png"}, {"text": " red."}]},
+        {"image": "missing.png", "caption": "x"},
+        {"image": "broken.png", "caption": "x"},
+        {"segments": []},
+    ]
+    manifest = media / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(x) for x in lines) + "\n{not json\n")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "cat.png").write_bytes(png(colour=(0, 0, 200)))
+    (folder / "cat.txt").write_text("a blue square")
+    (folder / "note.txt").write_text("just text")
+    out = tmp_path / "shards"
+    assert write_main(["--out", str(out), "--manifest", str(manifest), "--folder", str(folder),
+                       "--shard-size", "0.0005"]) == 0
+    report = capsys.readouterr()
+    assert "wrote 5 documents" in report.out
+    assert "skipped 4 inputs" in report.out and "invalid_json 1" in report.out
+    assert "missing_file 1" in report.out and "bad_image 1" in report.out
+    assert "empty_document 1" in report.out
+    shards = sorted(out.glob("*.tar"))
+    assert len(shards) > 1  # the size target splits them
+    samples = [s for p in shards for s in iter_tar_samples(str(p))]
+    docs = [parse_sample(s) for s in samples]
+    assert [d[0].get("text") for d in docs if "text" in d[0]] == ["plain text document", "Look:", "just text"]
+    assert docs[0][1] == {"text": " a red square"} and "image" in docs[0][0]
+    # The printed spec loads.
+    shard_spec = report.out.split("data.shards='")[1].split("'")[0]
+    loader = build_loader(cfg(shards=shard_spec, epochs=1, shuffle_shards=False))
+    batches = all_batches(loader)
+    assert sum(int(b["image_grid_thw"].shape[0]) for b in batches if "image_grid_thw" in b) == 3
+
+
+def test_synthetic_is_deterministic_and_captions_name_what_is_drawn(tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    write_synthetic(str(a), 5, 2, 8)
+    write_synthetic(str(b), 5, 2, 8)
+    write_synthetic(str(c), 6, 2, 8)
+    for name in ("shard-000000.tar", "shard-000001.tar"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+        assert (a / name).read_bytes() != (c / name).read_bytes()
+    text = SyntheticText(5)
+    kinds = set()
+    for i in range(200):
+        segs = synthetic_sample(5, i, text)
+        kinds.add(tuple(sorted({k for s in segs for k in ("text", "image", "video") if k in s})))
+        if len(segs) == 2 and "image" in segs[0]:
+            img = Image.open(io.BytesIO(segs[0]["image"])).convert("RGB")
+            cap = segs[1]["text"]  # " a red circle at the top left."
+            colour = cap.split()[1]
+            where = cap.split(" at the ")[1].rstrip(".")
+            row = 0 if "top" in where else 2 if "bottom" in where else 1
+            col = 0 if "left" in where else 2 if "right" in where else 1
+            cell = img.crop((col * 32, row * 32, col * 32 + 32, row * 32 + 32))
+            from data.synthetic import COLOURS
+            assert COLOURS[colour] in [c for _, c in cell.getcolors(4096)], (i, cap)
+    assert {("image", "text"), ("text", "video"), ("text",), ("image", "text", "video")} <= kinds | {("image", "text", "video")}
+
+
+# ---- shard lists and their split ----------------------------------------------------------------
+
+
+def test_shard_specs_braces_globs_pipes_and_errors(syn):
+    assert len(expand_shards(spec(syn))) == 3
+    assert expand_shards(f"{syn}/*.tar") == expand_shards(spec(syn))
+    assert expand_shards(f"{syn}/shard-000000.tar::{syn}/shard-000001.tar")[1].endswith("01.tar")
+    url = f"pipe:cat {syn}/shard-000001.tar"
+    assert expand_shards(url) == [url]
+    assert [s["__key__"] for s in iter_tar_samples(url)] == \
+        [s["__key__"] for s in iter_tar_samples(f"{syn}/shard-000001.tar")]
+    with pytest.raises(ValueError, match=r"data.shards=.*nope-\*.tar.*matches no file"):
+        expand_shards(f"{syn}/nope-*.tar")
+    with pytest.raises(ValueError, match=r"shard-000003.tar. does not exist"):
+        expand_shards(f"{syn}/shard-{{000000..000009}}.tar")
+    with pytest.raises(ValueError, match="data.shards"):
+        build_loader(cfg(shards=f"{syn}/missing-*.tar"))
+
+
+@pytest.mark.parametrize("shards,slots", [(3, 4), (5, 4), (8, 4), (2, 6), (7, 3)])
+def test_every_sample_of_an_epoch_is_read_once(tmp_path, shards, slots):
+    sink = ShardSink(str(tmp_path), max_bytes=1)  # one sample per shard ...
+    n = 0
+    for s in range(shards):  # ... so write shards by hand, 5 samples each
+        path = tmp_path / f"x-{s:06d}.tar"
+        with tarfile.open(path, "w") as t:
+            for i in range(5):
+                data = json.dumps({"segments": [{"text": f"{s}/{i}"}]}).encode()
+                info = tarfile.TarInfo(f"k{n:05d}.json")
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+                n += 1
+    urls = expand_shards(f"{tmp_path}/x-*.tar")
+    seen = []
+    per_slot = []
+    for slot in range(slots):
+        st = ShardStream(urls, slot, slots, seed=1, block=4, epochs=1)
+        got = []
+        while (s := st.next()) is not None:
+            got.append(s["__key__"])
+        per_slot.append(len(got))
+        seen += got
+    assert sorted(seen) == [f"k{i:05d}" for i in range(n)]
+    assert max(per_slot) - min(per_slot) <= 5  # balanced to within one shard
+    assert slot_plan(shards, 0, slots, 0, 1) != slot_plan(shards, 0, slots, 1, 1) or shards < 3
+
+
+def test_data_parallel_ranks_read_disjoint_samples(syn, tok):
+    keys = []
+    for rank in range(2):
+        pipe = SlotPipeline(cfg(epochs=1), tok, resolve_sources(cfg(shards=spec(syn))), rank, 2)
+        got = []
+        while (d := pipe.next_doc()) is not None:
+            got.append((d.ref["epoch"], tuple(d.tokens)))
+        keys.append(got)
+    assert len(keys[0]) + len(keys[1]) == 72
+    # Same rank, same stream: tensor-parallel ranks see identical batches.
+    a = build_loader(cfg(shards=spec(syn)), dp_rank=1, dp_world=2)
+    b = build_loader(cfg(shards=spec(syn)), dp_rank=1, dp_world=2)
+    for _ in range(2):
+        assert_same_batch(next(a), next(b))
+
+
+# ---- packing and batches ----------------------------------------------------------------------
+
+
+def test_batches_hold_consistent_multimodal_rows(syn, tok):
+    # One thread: the tiny model's forward takes ms, two threads on loaded cores take seconds.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _check_batches(syn, tok)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_batches(syn, tok):
+    loader = build_loader(cfg(shards=spec(syn), max_visual_tokens=40))
+    from model.config import load_model_config
+    from model.language_model import Qwen35LM
+
+    model = Qwen35LM(load_model_config("tiny_vl"))
+    saw_video = False
+    for _ in range(4):
+        b = next(loader)
+        ids, labels = b["input_ids"], b["labels"]
+        assert ids.shape == labels.shape == (4, 128)
+        assert b["position_ids"].shape == (3, 4, 128)
+        assert torch.equal(b["position_ids"], mrope_position_ids(
+            ids, b.get("image_grid_thw"), b.get("video_grid_thw"), b["cu_seqlens"],
+            image_token_id=IMG, video_token_id=VID))
+        visual = (ids == IMG) | (ids == VID)
+        assert (labels[visual] == -100).all() and not ((labels == IMG) | (labels == VID)).any()
+        assert (visual.sum(1) <= 40).all()  # the cap on visual tokens per row
+        assert b["num_tokens"] == int((labels != -100).sum())
+        assert sum(b["source_tokens"].values()) == int((ids != tok.pad_id).sum())
+        # Every image block sits whole inside one segment, with its caption after it.
+        starts = (ids.flatten() == VS).nonzero().flatten()
+        seg = torch.bucketize(starts, b["cu_seqlens"][1:], right=True)
+        ends = (ids.flatten() == VE).nonzero().flatten()
+        assert torch.equal(seg, torch.bucketize(ends, b["cu_seqlens"][1:], right=True))
+        saw_video |= "video_grid_thw" in b
+        with torch.no_grad():
+            out = model(ids, position_ids=b["position_ids"], cu_seqlens=b["cu_seqlens"], labels=labels,
+                        **{k: b[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos",
+                                             "video_grid_thw") if k in b})
+        assert torch.isfinite(out.loss)
+    assert saw_video
+
+
+def test_best_cut_never_splits_an_item():
+    from data.documents import Document, VisualItem
+    from model.vision_processing import VisualInput
+
+    v = VisualInput(torch.zeros(4, 1), (1, 2, 2))
+    doc = Document(list(range(30)), [VisualItem(5, 11, v, 4), VisualItem(20, 26, v, 4)])
+    assert best_cut(doc, 8, 100) == 5
+    assert best_cut(doc, 15, 100) == 15
+    assert best_cut(doc, 15, 3) == 5
+    assert best_cut(doc, 24, 100) == 20
+    assert best_cut(doc, 40, 6) == 20
+    assert doc.tail(20).items[0].start == 0 and doc.tail(20).offset == 20
+
+
+# ---- mixtures ----------------------------------------------------------------------------------
+
+
+def test_mixture_draws_sources_by_weight(tmp_path, tok):
+    for name, kinds in (("caps", "image"), ("text", "text")):
+        sink = ShardSink(str(tmp_path / name))
+        for i in range(40):
+            segs = ([{"image": png(), "ext": "png"}, {"text": " red"}] if kinds == "image"
+                    else [{"text": "hello world " * 3}])
+            sink.write(f"{name}{i:04d}", encode_sample(f"{name}{i:04d}", segs))
+        sink.close()
+    c = cfg(sources={"caps": SourceConfig(f"{tmp_path}/caps/*.tar", 3.0),
+                     "text": SourceConfig(f"{tmp_path}/text/*.tar", 1.0)})
+    pipe = SlotPipeline(c, tok, resolve_sources(c), 0, 1)
+    names = [pipe.next_doc().source for _ in range(400)]
+    assert 0.68 < names.count("caps") / 400 < 0.82
+    b = next(build_loader(c))
+    assert set(b["source_tokens"]) == {"caps", "text"}
+
+
+# ---- exact resume ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_loader_yields_the_same_batches(syn, tmp_path, workers):
+    """Batches after a resume equal the uninterrupted loader's, tensor by tensor, across shuffle
+    blocks, epochs, a packer carry and (with workers) the DataLoader's round robin."""
+    sink = ShardSink(str(tmp_path / "t"))
+    for i in range(30):
+        sink.write(f"t{i:04d}", encode_sample(f"t{i:04d}", [{"text": f"document {i} " * (5 + i % 40)}]))
+    sink.close()
+    c = cfg(sources={"syn": SourceConfig(spec(syn), 2.0),
+                     "txt": SourceConfig(f"{tmp_path}/t/*.tar", 1.0)},
+            num_workers=workers, shuffle_buffer=16)
+    n, k = 7, 5
+    ref = build_loader(c)
+    want = [next(ref) for _ in range(n + k)]
+    ref.close()
+    first = build_loader(c)
+    got = [next(first) for _ in range(n)]
+    for a, b in zip(got, want):
+        assert_same_batch(a, b)
+    state = first.state_dict()
+    assert any(s["carry"] is not None for s in state["states"])  # the carry is exercised
+    first.close()
+    resumed = build_loader(c)
+    resumed.load_state_dict(state)
+    for i in range(k):
+        assert_same_batch(next(resumed), want[n + i])
+    resumed.close()
+    other = build_loader(cfg(sources=c.sources, num_workers=workers + 2))
+    with pytest.raises(ValueError, match="workers"):
+        other.load_state_dict(state)
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+
+def test_bad_input_is_skipped_counted_and_loses_no_valid_sample(tmp_path, tok, caplog):
+    good = []
+
+    def text_doc(i):
+        good.append(f"good {i}")
+        return {"json": json.dumps({"segments": [{"text": f"good {i}"}]}).encode()}
+
+    samples = [
+        text_doc(0),
+        {"json": json.dumps({"segments": [{"image": "1.png"}, {"text": " good img"}]}).encode(),
+         "1.png": png(3000, 2000)},                                       # oversized: resized, kept
+        {"json": b"{not json"},                                           # invalid_json
+        {"1.png": png()},                                                 # missing_json
+        {"json": json.dumps({"segments": [{"image": "1.png"}]}).encode(), "1.png": b""},  # bad_image
+        {"json": json.dumps({"segments": [{"image": "1.png"}]}).encode(), "1.png": b"\x89PNG garbage"},
+        {"json": json.dumps({"segments": [{"video": "1.gif"}]}).encode(), "1.gif": b"GIF89a broken"},
+        {"json": json.dumps({"segments": [{"video": "1.mp4"}]}).encode(), "1.mp4": b"\x00" * 64},
+        {"json": json.dumps({"segments": [{"image": "9.png"}]}).encode()},  # missing_key
+        {"json": json.dumps({"segments": [{"text": ""}]}).encode()},        # empty_document
+        text_doc(1),
+    ]
+    d = tmp_path / "bad"
+    d.mkdir()
+    with tarfile.open(d / "a-000000.tar", "w") as t:
+        for i, s in enumerate(samples):
+            for ext, data in s.items():
+                info = tarfile.TarInfo(f"s{i:03d}.{ext}")
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    # A truncated shard: its complete samples are kept.
+    with tarfile.open(d / "a-000001.tar", "w") as t:
+        for i in range(3):
+            s = text_doc(10 + i)
+            info = tarfile.TarInfo(f"u{i:03d}.json")
+            info.size = len(s["json"])
+            t.addfile(info, io.BytesIO(s["json"]))
+        big = b"x" * 5000
+        info = tarfile.TarInfo("u999.json")
+        info.size = len(big)
+        t.addfile(info, io.BytesIO(big))
+    raw = (d / "a-000001.tar").read_bytes()
+    (d / "a-000001.tar").write_bytes(raw[:3 * 1024 + 512 + 1000])
+    (d / "a-000002.tar").write_bytes(b"this is not a tar file at all" * 40)  # non-tar
+    c = cfg(shards=f"{d}/a-*.tar", epochs=1, shuffle_shards=False, image_max_pixels=256 * 256)
+    pipe = SlotPipeline(c, tok, resolve_sources(c), 0, 1)
+    texts = []
+    with caplog.at_level("WARNING", logger="data"):
+        while (doc := pipe.next_doc()) is not None:
+            texts.append(tok.decode([t for t in doc.tokens if t > 5]))
+    assert sorted(t for t in texts if t.startswith("good ")) == sorted(good)
+    assert " good img" in texts
+    from data.decode import has_video_decoder
+    video_kind = "bad_video" if has_video_decoder() else "no_video_decoder"
+    want = {"oversized_image": 1, "invalid_json": 1, "missing_json": 1, "bad_image": 2,
+            "missing_key": 1, "empty_document": 1, "truncated_shard": 1, "unreadable_shard": 1}
+    want["bad_video"] = 1 + (video_kind == "bad_video")
+    if video_kind == "no_video_decoder":
+        want["no_video_decoder"] = 1
+    assert dict(pipe.skipped) == want
+    assert "truncated_shard" in caplog.text and "invalid_json" in caplog.text
+    # Through the loader: counters as metrics.
+    loader = build_loader(c)
+    all_batches(loader)
+    assert loader.metrics()["skipped/invalid_json"] == 1
+
+
+def test_video_through_pyav(tmp_path, tok):
+    av = pytest.importorskip("av")
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for f in range(16):
+            img = Image.new("RGB", (64, 64), (40, 40, 40))
+            img.paste((230, 30, 30), (4 * f, 20, 4 * f + 12, 32))
+            for packet in stream.encode(av.VideoFrame.from_image(img)):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    from data.decode import decode_video
+    frames, fps = decode_video(buf.getvalue(), "1.mp4")
+    assert frames.shape[1:] == (3, 64, 64) and frames.shape[0] == 16 and fps == pytest.approx(8)
