@@ -50,3 +50,11 @@ def test_cli_exits_before_any_work(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "config error: model.num_experts_per_tok=64: must be in [1, model.num_experts=8]"]
     assert not run_dir.exists()
+
+
+def test_brace_ranges_survive_the_shell():
+    """The shell strips the quotes of data.shards='DIR/shard-{000000..000009}.tar'."""
+    cfg = load_config(["experiment=smoke_cpu", "data.shards=/d/shard-{000000..000009}.tar"])
+    assert cfg.data.shards == "/d/shard-{000000..000009}.tar"
+    quoted = load_config(["experiment=smoke_cpu", "data.shards='/d/s-{0..1}.tar'"])
+    assert quoted.data.shards == "/d/s-{0..1}.tar"

@@ -24,12 +24,26 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 log = logging.getLogger("train")
 
 
+def quote_brace_values(overrides: list[str]) -> list[str]:
+    """`data.shards=DIR/shard-{000000..000009}.tar` as typed in a shell (which strips the quotes)
+    is a syntax error to Hydra, whose grammar reads braces as a dict: quote such values back.
+    Values that are already quoted, dicts, lists or interpolations are left alone."""
+    out = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if (sep and ("{" in value or "}" in value) and "${" not in value
+                and not value.startswith(("{", "[", "'", '"'))):
+            item = f"{key}='{value}'"
+        out.append(item)
+    return out
+
+
 def load_config(overrides: list[str]) -> RootConfig:
     """Compose configs/config.yaml with `overrides`; raise ConfigError on any invalid value."""
     register_configs()
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            composed = compose(config_name="config", overrides=overrides)
+            composed = compose(config_name="config", overrides=quote_brace_values(overrides))
         cfg = OmegaConf.to_object(composed)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_one_line(e)) from None
