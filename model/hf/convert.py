@@ -1,0 +1,284 @@
+"""Import a Hugging Face checkpoint into the project (DCP checkpoint or in-memory model) and export
+a project checkpoint back to a Hugging Face directory.
+
+An imported checkpoint directory CKPT holds:
+- the DCP files of the model state (what `train.init_from=CKPT` / `train/checkpoint.load_model_weights`
+  read) and the COMMITTED marker; the directory appears under its final name only when complete;
+- `configs/model/hf.yaml`: the ModelConfig, a Hydra config group file, so that
+  `python -m train.main model=hf hydra.searchpath=[file://CKPT/configs] train.init_from=CKPT` trains it;
+- `hf_config.json` (the source config.json, reused by export for fields the project does not model)
+  and `hf_extra/` (tokenizer and processor files of the source directory, when present).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from model.config import ConfigError, ModelConfig, load_model_config
+from model.hf.config_map import (FAMILIES, Family, default_family, family_of, hf_to_model_config,
+                                 model_to_hf_config)
+from model.hf.io import (SIDE_FILES, HFReader, dcp_model_shapes, dtype_name, find_run_config,
+                         fsync_dir, load_dcp_tensors, save_dcp_lazily, write_hf_shards)
+from model.hf.weights import Rule, check_rules_cover, expected_hf_shapes, model_rules
+from model.params import build_meta
+
+MODEL_YAML = Path("configs") / "model" / "hf.yaml"
+HF_CONFIG = "hf_config.json"
+HF_EXTRA = "hf_extra"
+MARKER = "COMMITTED"
+
+
+class ConversionError(ValueError):
+    """A weight that cannot be placed, one that is missing, or a shape that does not fit."""
+
+
+# ---- planning --------------------------------------------------------------------------------------
+
+def _our_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in build_meta(cfg).state_dict().items()}
+
+
+def _mtp_depth(hf_keys: set[str], skip_mtp: bool) -> int:
+    layers = {int(m.group(1)) for k in hf_keys if (m := re.match(r"mtp\.layers\.(\d+)\.", k))}
+    if skip_mtp or not any(k.startswith("mtp.") for k in hf_keys):
+        return 0
+    if layers != {0}:
+        raise ConversionError(
+            f"the checkpoint has MTP layers {sorted(layers)} (mtp.layers.N): the project maps exactly "
+            f"one MTP layer (mtp.fc, mtp.layers.0, vLLM's layout); pass --skip-mtp to drop them")
+    return 1
+
+
+class ImportPlan:
+    """The rules of an HF directory, checked against its tensors before anything is written."""
+
+    def __init__(self, hf_dir: Union[str, Path], name: Optional[str] = None, skip_mtp: bool = False):
+        self.reader = HFReader(hf_dir)
+        self.family: Family = family_of(self.reader.config)
+        hf_keys = set(self.reader.keys())
+        name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", Path(hf_dir).resolve().name)
+        self.cfg = hf_to_model_config(self.reader.config, name, _mtp_depth(hf_keys, skip_mtp))
+        self.our_shapes = _our_shapes(self.cfg)
+        self.rules = model_rules(
+            self.cfg, self.family, [k for k in self.our_shapes if k.startswith("visual.")],
+            fused_experts=lambda prefix: f"{prefix}experts.gate_up_proj" in hf_keys)
+        check_rules_cover(self.rules, self.our_shapes)
+        self._check(hf_keys, skip_mtp)
+        self.rule_of = {k: r for r in self.rules for k in r.ours}
+        self._cache: tuple[Optional[Rule], dict[str, torch.Tensor]] = (None, {})
+
+    def _check(self, hf_keys: set[str], skip_mtp: bool) -> None:
+        expected = expected_hf_shapes(self.rules, self.our_shapes)
+        missing = sorted(k for k in expected if k not in hf_keys)
+        if missing:
+            raise ConversionError(
+                f"{len(missing)} weight(s) the {self.family.name} model needs are not in "
+                f"{self.reader.dir}: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        for k, shape in expected.items():
+            got = self.reader.shape(k)
+            if got != shape:
+                raise ConversionError(f"weight {k!r} has shape {tuple(got)}, the config implies "
+                                      f"{tuple(shape)}")
+        ignorable = {"lm_head.weight"} if self.cfg.tie_word_embeddings else set()
+        unused = sorted(k for k in hf_keys - set(expected) - ignorable
+                        if not (skip_mtp and k.startswith("mtp.")))
+        if unused:
+            raise ConversionError(
+                f"{len(unused)} weight(s) of {self.reader.dir} have no place in the project's model: "
+                f"{', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''}")
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """The project tensor `key`, computed from its rule (the last rule's outputs are cached, as
+        the writer asks for a fused rule's outputs one after another)."""
+        rule = self.rule_of[key]
+        if self._cache[0] is not rule:
+            outs = rule.to_ours([self.reader.get(k) for k in rule.theirs])
+            self._cache = (rule, dict(zip(rule.ours, outs)))
+        return self._cache[1][key]
+
+
+# ---- import ---------------------------------------------------------------------------------------
+
+def import_checkpoint(hf_dir: Union[str, Path], out: Union[str, Path], name: Optional[str] = None,
+                      dtype: torch.dtype = torch.float32, skip_mtp: bool = False,
+                      overwrite: bool = False) -> Path:
+    """Convert an HF directory into a committed DCP checkpoint directory `out` (see module doc)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    plan = ImportPlan(hf_dir, name, skip_mtp)
+    tmp = out.parent / f".tmp_{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_dcp_lazily(tmp, {k: (s, dtype) for k, s in plan.our_shapes.items()}, plan.tensor)
+    (tmp / MODEL_YAML).parent.mkdir(parents=True)
+    (tmp / MODEL_YAML).write_text(model_config_yaml(plan.cfg, source=str(Path(hf_dir).resolve())))
+    (tmp / HF_CONFIG).write_text(json.dumps(plan.reader.config, indent=2) + "\n")
+    extras = [f for f in SIDE_FILES if (plan.reader.dir / f).exists()]
+    if extras:
+        (tmp / HF_EXTRA).mkdir()
+        for f in extras:
+            shutil.copy2(plan.reader.dir / f, tmp / HF_EXTRA / f)
+    (tmp / MARKER).write_text("imported\n")
+    fsync_dir(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def model_config_yaml(cfg: ModelConfig, source: str = "") -> str:
+    from omegaconf import OmegaConf
+
+    head = f"# Imported from {source} by `python -m model.hf import`.\n" if source else ""
+    return head + OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def load_pretrained(hf_dir: Union[str, Path], dtype: torch.dtype = torch.float32,
+                    skip_mtp: bool = False):
+    """The project's Qwen35LM with the weights of an HF checkpoint directory (no DCP involved)."""
+    from model.language_model import Qwen35LM
+    from model.moe import TopKRouter
+    from model.rope import RotaryEmbedding
+    from model.vision import VisionRotary
+
+    plan = ImportPlan(hf_dir, skip_mtp=skip_mtp)
+    with torch.device("meta"):
+        model = Qwen35LM(plan.cfg)
+    model.to_empty(device="cpu")
+    model.to(dtype)
+    if plan.cfg.tie_word_embeddings:  # to_empty gives each module its own tensor
+        model.lm_head.weight = model.embed_tokens.weight
+    state = model.state_dict()
+    with torch.no_grad():
+        for key in plan.our_shapes:
+            state[key].copy_(plan.tensor(key))
+        for m in model.modules():  # non-persistent buffers that to_empty left uninitialised
+            if isinstance(m, (RotaryEmbedding, VisionRotary)):
+                m.reset_parameters()
+            elif isinstance(m, TopKRouter):
+                m.tokens_per_expert.zero_()
+    return model
+
+
+# ---- export ---------------------------------------------------------------------------------------
+
+def resolve_model_config(ckpt: Path, model: Union[None, str, ModelConfig] = None) -> ModelConfig:
+    """The model config of a checkpoint: given, or CKPT/configs/model/hf.yaml (an import), or the
+    `model` section of the run's config.yaml (a trainer checkpoint <run>/checkpoints/step_N)."""
+    if isinstance(model, ModelConfig):
+        return model
+    if model is not None:
+        return load_model_config(model)
+    if (ckpt / MODEL_YAML).exists():
+        return load_model_config(str(ckpt / MODEL_YAML))
+    run_cfg = find_run_config(ckpt)
+    if run_cfg is not None:
+        from omegaconf import OmegaConf
+
+        merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(run_cfg)["model"])
+        return OmegaConf.to_object(merged).validate()
+    raise ConfigError(f"no model config for {ckpt}: expected {ckpt / MODEL_YAML} or a run's "
+                      f"config.yaml two levels up; pass --model NAME_OR_YAML")
+
+
+def _source_hf_config(ckpt: Path) -> Optional[dict]:
+    """The config.json the weights came from: saved by import, or found through the run's
+    train.init_from when the checkpoint is a run that started from an import."""
+    if (ckpt / HF_CONFIG).exists():
+        return json.loads((ckpt / HF_CONFIG).read_text())
+    run_cfg = find_run_config(ckpt)
+    if run_cfg is not None:
+        from omegaconf import OmegaConf
+
+        init = OmegaConf.load(run_cfg).get("train", {}).get("init_from")
+        if init and (Path(init) / HF_CONFIG).exists():
+            return json.loads((Path(init) / HF_CONFIG).read_text())
+    return None
+
+
+def export_checkpoint(ckpt: Union[str, Path], out: Union[str, Path], family: Optional[str] = None,
+                      model: Union[None, str, ModelConfig] = None, dtype: torch.dtype = torch.bfloat16,
+                      max_shard_bytes: int = 5 * 2 ** 30, fused_experts: bool = False,
+                      skip_mtp: bool = False, overwrite: bool = False) -> Path:
+    """Write config.json + safetensors shards of a project DCP checkpoint (an import, or a trainer's
+    <run>/checkpoints/step_N) that transformers loads as `family`'s class."""
+    ckpt, out = Path(ckpt), Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    cfg = resolve_model_config(ckpt, model)
+    if skip_mtp:
+        cfg = dataclasses.replace(cfg, mtp_num_layers=0)
+    base = _source_hf_config(ckpt)
+    if family is None:
+        family = base["model_type"] if base and base.get("model_type") in FAMILIES else default_family(cfg)
+    if family not in FAMILIES:
+        raise ConfigError(f"--family {family!r}: supported are {', '.join(FAMILIES)}")
+    fam = FAMILIES[family]
+    hf_config = model_to_hf_config(cfg, family, base, dtype=dtype_name(dtype))
+
+    stored = dcp_model_shapes(ckpt)
+    ours = _our_shapes(cfg)
+    for k, shape in ours.items():
+        if k not in stored:
+            raise ConversionError(f"checkpoint {ckpt} has no model.{k}: it does not match the model "
+                                  f"config {cfg.name!r}")
+        if stored[k][0] != shape:
+            raise ConversionError(f"checkpoint {ckpt}: model.{k} has shape {tuple(stored[k][0])}, the "
+                                  f"config implies {tuple(shape)}")
+    rules = model_rules(cfg, fam, [k for k in ours if k.startswith("visual.")],
+                        fused_experts=lambda prefix: fused_experts)
+    check_rules_cover(rules, ours)
+    hf_shapes = expected_hf_shapes(rules, ours)
+    size = torch.empty((), dtype=dtype).element_size()
+    groups = [(r.theirs, sum(hf_shapes[k].numel() for k in r.theirs) * size) for r in rules]
+
+    def produce(idx: list[int]) -> dict[str, torch.Tensor]:
+        need = [k for i in idx for k in rules[i].ours]
+        loaded = load_dcp_tensors(ckpt, need, stored)
+        out_t: dict[str, torch.Tensor] = {}
+        for i in idx:
+            r = rules[i]
+            ts = r.to_theirs([loaded[k] for k in r.ours])
+            out_t.update({k: t.to(dtype) for k, t in zip(r.theirs, ts)})
+        return out_t
+
+    tmp = out.parent / f".tmp_{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_hf_shards(tmp, groups, produce, max_shard_bytes)
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    if (ckpt / HF_EXTRA).is_dir():
+        for f in (ckpt / HF_EXTRA).iterdir():
+            shutil.copy2(f, tmp / f.name)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def to_hf_state_dict(model, family: Optional[str] = None, fused_experts: bool = False
+                     ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json dict, HF state dict) of an in-memory project model, e.g. to build the matching
+    transformers model without files (benchmarks). fused_experts=True gives the names of
+    transformers' modules (experts.gate_up_proj), False those of its checkpoints (per expert).
+    Tensors may share storage with the model's."""
+    cfg = model.cfg
+    family = family or default_family(cfg)
+    fam = FAMILIES[family]
+    state = model.state_dict()
+    rules = model_rules(cfg, fam, [k for k in state if k.startswith("visual.")],
+                        fused_experts=lambda prefix: fused_experts)
+    check_rules_cover(rules, state)
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for r in rules:
+            out.update(zip(r.theirs, r.to_theirs([state[k] for k in r.ours])))
+    return model_to_hf_config(cfg, family, dtype="float32"), out
