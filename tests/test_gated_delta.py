@@ -168,6 +168,77 @@ def test_packed_chunk_equals_per_document_chunk():
         torch.testing.assert_close(s[i : i + 1], s_i, atol=1e-5, rtol=1e-5)
 
 
+def _packed_reference(inputs, cu, w_o, w_s, l2norm=True):
+    """Each document alone through the fp64 reference; gradients summed into the packed layout."""
+    leaves = [None if x is None else x.detach().double().requires_grad_() for x in inputs]
+    q, k, v, g, beta, s0 = leaves
+    outs, finals = [], []
+    for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        h0 = None if s0 is None else s0[i : i + 1]
+        o_i, s_i = reference(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b], h0=h0, l2norm=l2norm)
+        outs.append(o_i)
+        finals.append(s_i)
+    o_ref, s_ref = torch.cat(outs, dim=1), torch.cat(finals)
+    grads = torch.autograd.grad((o_ref * w_o).sum() + (s_ref * w_s).sum(), [x for x in leaves if x is not None])
+    return o_ref, s_ref, grads
+
+
+def _check_packed(lengths, heads, K, V, dtype, tol_o, tol_g, seed, with_h0=True):
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+    T, H = sum(lengths), heads[1]
+    inputs = make_inputs(1, T, *heads, K, V, dtype=dtype, h0=with_h0, n_states=len(lengths), seed=seed)
+    w_o = torch.randn(1, T, H, V, dtype=torch.float64)
+    w_s = torch.randn(len(lengths), H, K, V, dtype=torch.float64)
+    kw = dict(cu_seqlens=cu, use_qk_l2norm_in_kernel=True)
+    o, s, grads = run_with_grads(chunk_gated_delta_rule, inputs, w_o, w_s, **kw)
+    assert o.shape == (1, T, H, V) and s.shape == (len(lengths), H, K, V)
+    o_ref, s_ref, grads_ref = _packed_reference(inputs, cu, w_o, w_s)
+    assert_close(o, o_ref, tol_o, "o")
+    assert_close(s, s_ref, tol_o, "final state")
+    names = [n for n, x in zip(NAMES, inputs) if x is not None]
+    for name, a, b in zip(names, grads, grads_ref):
+        assert_close(a, b, tol_g, name)
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("dtype, tol_o, tol_g", [(torch.float32, 1e-5, 1e-4), (torch.float64, 1e-11, 1e-10)])
+def test_skewed_packing_matches_per_document(monkeypatch, recompute, dtype, tol_o, tol_g):
+    """Documents of very different chunk counts (1 .. 5 chunks, ending mid-chunk and on a boundary):
+    outputs, final states and every gradient equal per-document runs; fp64 stays exact."""
+    import model.ops.gated_delta_chunk as chunk_mod
+
+    monkeypatch.setattr(chunk_mod, "RECOMPUTE_IN_BACKWARD", recompute)
+    _check_packed([3, 300, 1, 64, 65, 200], (1, 2), 8, 8, dtype, tol_o, tol_g, seed=12)
+
+
+def test_many_short_documents():
+    """40 documents of 1 .. 80 tokens (one or two chunks each), from their own initial states."""
+    gen = torch.Generator().manual_seed(13)
+    lengths = torch.randint(1, 81, (40,), generator=gen).tolist()
+    _check_packed(lengths, (2, 2), 8, 8, torch.float32, 1e-5, 1e-4, seed=13)
+
+
+@pytest.mark.parametrize("with_h0", [True, False])
+def test_empty_documents(with_h0):
+    """Zero-length documents (repeated cu_seqlens entries) pass their initial state through unchanged."""
+    _check_packed([0, 5, 0, 70, 0], (1, 2), 8, 8, torch.float32, 1e-5, 1e-4, seed=14, with_h0=with_h0)
+
+
+def test_packed_layout_is_proportional_to_tokens():
+    """Each document is padded only to its own multiple of 64: no padding to the longest document."""
+    from model.ops.gated_delta_chunk import _ChunkLayout
+
+    lengths = [3396, 100, 100, 100, 100, 100, 100, 100]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+    layout = _ChunkLayout(1, sum(lengths), 64, cu, "cpu")
+    assert layout.m == sum(-(-n // 64) for n in lengths) == 68
+    assert layout.counts == [8, 8] + [1] * 52
+    x = torch.randn(1, sum(lengths), 2, 3)
+    chunks = layout.to_chunks(x)
+    assert chunks.shape == (68, 2, 64, 3)
+    torch.testing.assert_close(layout.from_chunks(chunks), x, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("impl", ["chunk", "recurrent"])
 def test_bf16_inputs(impl):
     """bf16 in, fp32 accumulation inside: output bf16, final state fp32, close to fp64 on the same inputs."""
