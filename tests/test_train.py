@@ -159,3 +159,17 @@ def test_cli_smoke_run_learns(tmp_path):
     assert [p.name for p in ckpt.committed_checkpoints(run / "checkpoints")] == [
         "step_00000015", "step_00000030"]
     assert "step 30/30" in proc.stdout
+
+
+def test_vision_tower_lr_scale():
+    from model.config import load_model_config
+    from model.language_model import Qwen35LM
+
+    model = Qwen35LM(load_model_config("tiny_vl"))
+    opt = build_optimizer(model, TrainConfig(lr=1e-3, vision_lr_scale=0.1))
+    vision = {id(p) for p in model.visual.parameters()}
+    for group in opt.param_groups:
+        in_vision = {id(p) in vision for p in group["params"]}
+        assert len(in_vision) == 1  # a group is all vision or all language
+        assert group["lr"] == pytest.approx(1e-4 if in_vision.pop() else 1e-3)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))

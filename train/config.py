@@ -21,6 +21,7 @@ class TrainConfig:
     max_steps: int = 100
     grad_accum: int = 1                 # micro-batches per optimizer step
     lr: float = 3e-3
+    vision_lr_scale: float = 1.0        # the vision tower trains at lr * vision_lr_scale
     min_lr_ratio: float = 0.1           # final lr = lr * min_lr_ratio
     warmup_steps: int = 10
     # Horizon of the schedule (cosine end, WSD decay end); null = max_steps. Set it when a run may
@@ -92,6 +93,8 @@ def validate_config(cfg: RootConfig) -> RootConfig:
             raise ConfigError(f"train.{fld}={getattr(t, fld)!r}: must be >= 1")
     if t.lr <= 0:
         raise ConfigError(f"train.lr={t.lr!r}: must be > 0")
+    if t.vision_lr_scale <= 0:
+        raise ConfigError(f"train.vision_lr_scale={t.vision_lr_scale!r}: must be > 0")
     if not 0 <= t.min_lr_ratio <= 1:
         raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio!r}: must be in [0, 1]")
     if t.lr_decay_steps is not None and t.lr_decay_steps < 1:

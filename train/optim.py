@@ -20,12 +20,16 @@ def no_weight_decay(name: str, param: torch.Tensor) -> bool:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    decay, no_decay = [], []
+    """Groups: (language | vision) x (decay | no decay); the vision tower's lr is
+    cfg.lr * cfg.vision_lr_scale. Empty groups are dropped."""
+    groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if no_weight_decay(name, p) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+            key = (name.startswith("visual."), no_weight_decay(name, p))
+            groups.setdefault(key, []).append(p)
+    groups = [{"params": params, "weight_decay": 0.0 if skip_decay else cfg.weight_decay,
+               "lr": cfg.lr * (cfg.vision_lr_scale if vision else 1.0)}
+              for (vision, skip_decay), params in sorted(groups.items())]
     on_cuda = any(p.is_cuda for p in model.parameters())
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              fused=on_cuda or None, foreach=None if on_cuda else True)
