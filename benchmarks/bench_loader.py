@@ -20,7 +20,6 @@ import tempfile
 import time
 
 import numpy as np
-import torch
 from common import OtherLoad, machine_line, markdown_table  # noqa: I001
 
 import webdataset as wds

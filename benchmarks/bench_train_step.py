@@ -28,7 +28,7 @@ from torch import nn
 from common import OtherLoad, interleaved_medians, machine_line, markdown_table
 from data.text_loader import build_loader
 from model.mlp import SwiGLU
-from model.params import count_params, train_flops_per_token
+from model.params import count_params
 from train.main import load_config
 from train.metrics import measure_matmul_flops
 from train.optim import build_optimizer

@@ -3,7 +3,6 @@ split, packing, mixtures, exact resume (batch by batch, with workers), and bad i
 
 import io
 import json
-import os
 import tarfile
 
 import pytest
@@ -18,7 +17,7 @@ from data.shards import ShardStream, expand_shards, iter_tar_samples, slot_plan
 from data.synthetic import synthetic_sample, write_synthetic
 from data.synthetic_text import SyntheticText
 from data.tokenizer import load_tokenizer
-from data.webdataset_loader import SlotPipeline, WebDatasetLoader, resolve_sources
+from data.webdataset_loader import SlotPipeline, resolve_sources
 from data.write import main as write_main
 from model.mrope import mrope_position_ids
 
@@ -162,9 +161,8 @@ def test_shard_specs_braces_globs_pipes_and_errors(syn):
 
 @pytest.mark.parametrize("shards,slots", [(3, 4), (5, 4), (8, 4), (2, 6), (7, 3)])
 def test_every_sample_of_an_epoch_is_read_once(tmp_path, shards, slots):
-    sink = ShardSink(str(tmp_path), max_bytes=1)  # one sample per shard ...
     n = 0
-    for s in range(shards):  # ... so write shards by hand, 5 samples each
+    for s in range(shards):  # shards written by hand, 5 samples each
         path = tmp_path / f"x-{s:06d}.tar"
         with tarfile.open(path, "w") as t:
             for i in range(5):
