@@ -14,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 
 from data.config import DataConfig
 from model.config import ConfigError, ModelConfig
+from parallel.config import ParallelConfig
 
 
 @dataclass
@@ -69,6 +70,7 @@ class RootConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     run_dir: str = "runs/default"
 
 

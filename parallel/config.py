@@ -1,0 +1,43 @@
+"""The parallel layout's config schema (`parallel.*`, configs/parallel/).
+
+The language plan is `pp x dp_replicate x dp_shard x cp x tp` (tp fastest-varying, as Megatron
+orders ranks), with experts laid out over `ep` ranks carved from `dp_shard x cp`. The vision plan
+(`parallel.vision`, configs/parallel/vision/) is chosen independently of it. Checks live in
+parallel/mesh.py and run before any process group exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class VisionPlanConfig:
+    # balanced: the ViT runs data-parallel over the ranks of the language TP group, each rank
+    #   encoding a share of the micro-batch's images balanced by patch count; embeddings are
+    #   all-gathered back into sequence order. With tp=1 this is plain data parallelism.
+    # replicated: every TP rank encodes every image (the baseline the balanced plan is measured against).
+    name: str = "balanced"
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1       # HSDP replicas (e.g. one per node); FSDP shards within each
+    dp_shard: int = -1          # FSDP shard group size; -1 = what the world size leaves over
+    tp: int = 1                 # tensor (+ sequence) parallel
+    ep: int = 1                 # expert parallel, carved from dp_shard x cp
+    pp: int = 1                 # pipeline stages (issue 6)
+    cp: int = 1                 # context parallel (not yet; the mesh dimension is kept)
+    sequence_parallel: bool = True      # shard norms and residuals over tp along the sequence
+    # FSDP2 compute dtype: auto = bf16 on GPU, fp32 on CPU (exact comparisons); reduce and master
+    # weights stay fp32.
+    param_dtype: str = "auto"           # auto | bf16 | fp32
+    reshard_after_forward: bool = True  # ZeRO-3 style; false keeps layers gathered until backward
+    activation_checkpoint: str = "none"  # none | full (every decoder layer) | selective
+    selective_ac_every: int = 2         # selective: checkpoint every Nth decoder layer
+    # Routed-expert capacity under EP: null = dropless; c > 0 keeps at most
+    # ceil(c * tokens * top_k / experts) tokens per expert and counts the dropped ones.
+    expert_capacity_factor: Optional[float] = None
+    collective_timeout_s: float = 600.0  # a collective that hangs longer fails, naming itself
+    vision: VisionPlanConfig = field(default_factory=VisionPlanConfig)
