@@ -24,6 +24,16 @@ def segment_layout(cu_seqlens: torch.Tensor, batch: int, seqlen: int) -> tuple[t
     return doc_ids.view(batch, seqlen), pos.view(batch, seqlen)
 
 
+class _Accumulators:
+    """Mutable per-forward state (auxiliary losses, the cached mask). A plain object on purpose:
+    wrappers that rebuild a module's inputs (FSDP2 copies dataclasses, dicts and lists it finds in
+    them) keep the reference, so every layer adds to the same sums."""
+
+    def __init__(self):
+        self.losses: dict[str, torch.Tensor] = {}
+        self.mask: Optional[torch.Tensor] = None
+
+
 @dataclass
 class SequenceContext:
     """What the mixers need besides the hidden states.
@@ -37,8 +47,11 @@ class SequenceContext:
     pos_in_doc: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
-    aux_losses: dict = field(default_factory=dict)
-    _mask: Optional[torch.Tensor] = None
+    state: _Accumulators = field(default_factory=_Accumulators)
+
+    @property
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        return self.state.losses
 
     @property
     def batch_size(self) -> int:
@@ -50,12 +63,12 @@ class SequenceContext:
 
     def attention_mask(self) -> torch.Tensor:
         """[B, 1, T, T] bool: causal and block-diagonal over documents (True = attend)."""
-        if self._mask is None:
+        if self.state.mask is None:
             t = self.seqlen
             causal = torch.ones(t, t, dtype=torch.bool, device=self.doc_ids.device).tril()
             same_doc = self.doc_ids.unsqueeze(2) == self.doc_ids.unsqueeze(1)
-            self._mask = (same_doc & causal).unsqueeze(1)
-        return self._mask
+            self.state.mask = (same_doc & causal).unsqueeze(1)
+        return self.state.mask
 
     def add_aux_loss(self, name: str, value: torch.Tensor) -> None:
-        self.aux_losses[name] = self.aux_losses.get(name, 0.0) + value
+        self.state.losses[name] = self.state.losses.get(name, 0.0) + value

@@ -43,14 +43,20 @@ class GatedDeltaNet(nn.Module):
         self.head_v_dim = cfg.linear_value_head_dim
         self.key_dim = self.num_k_heads * self.head_k_dim
         self.value_dim = self.num_v_heads * self.head_v_dim
-        self.conv_dim = 2 * self.key_dim + self.value_dim
 
-        self.in_proj_qkv = nn.Linear(d, self.conv_dim, bias=False)  # contiguous [q | k | v]
+        # q, k and v as separate projections and depthwise convolutions (the released checkpoints
+        # fuse them as in_proj_qkv / conv1d; model/hf splits): each is then sharded head-wise by
+        # tensor parallelism as it stands, where a fused [q | k | v] would need a strided shard.
+        self.in_proj_q = nn.Linear(d, self.key_dim, bias=False)
+        self.in_proj_k = nn.Linear(d, self.key_dim, bias=False)
+        self.in_proj_v = nn.Linear(d, self.value_dim, bias=False)
         self.in_proj_z = nn.Linear(d, self.value_dim, bias=False)
         self.in_proj_b = nn.Linear(d, self.num_v_heads, bias=False)
         self.in_proj_a = nn.Linear(d, self.num_v_heads, bias=False)
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.linear_conv_kernel_dim,
-                                groups=self.conv_dim, bias=False)
+        k = cfg.linear_conv_kernel_dim
+        self.conv_q = nn.Conv1d(self.key_dim, self.key_dim, k, groups=self.key_dim, bias=False)
+        self.conv_k = nn.Conv1d(self.key_dim, self.key_dim, k, groups=self.key_dim, bias=False)
+        self.conv_v = nn.Conv1d(self.value_dim, self.value_dim, k, groups=self.value_dim, bias=False)
         self.A_log = nn.Parameter(torch.empty(self.num_v_heads))
         self.dt_bias = nn.Parameter(torch.empty(self.num_v_heads))
         self.norm = GatedRMSNorm(self.head_v_dim, cfg.rms_norm_eps)
@@ -62,11 +68,15 @@ class GatedDeltaNet(nn.Module):
         with torch.no_grad():
             self.A_log.copy_(torch.empty_like(self.A_log).uniform_(0.01, 16).log())
             self.dt_bias.fill_(1.0)
-        nn.init.kaiming_uniform_(self.conv1d.weight, a=math.sqrt(5))
+        for conv in (self.conv_q, self.conv_k, self.conv_v):
+            nn.init.kaiming_uniform_(conv.weight, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
         b, t, _ = x.shape
-        qkv = F.silu(causal_conv1d(self.in_proj_qkv(x), self.conv1d.weight, ctx.pos_in_doc))
+        # One convolution over the concatenated channels (the local heads under tensor parallelism).
+        qkv = torch.cat([self.in_proj_q(x), self.in_proj_k(x), self.in_proj_v(x)], dim=-1)
+        weight = torch.cat([self.conv_q.weight, self.conv_k.weight, self.conv_v.weight])
+        qkv = F.silu(causal_conv1d(qkv, weight, ctx.pos_in_doc))
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         # The kernel takes packed documents as B == 1 with cu_seqlens over all B*T tokens.
         q = q.reshape(1, b * t, self.num_k_heads, self.head_k_dim)

@@ -12,9 +12,10 @@ from torch import nn
 from model.config import ModelConfig
 from model.context import SequenceContext, segment_layout
 from model.decoder import DecoderLayer, MTPBlock
+from model.loss import TokenCrossEntropy, mean_over_labels
 from model.moe import GroupedExperts, TopKRouter
 from model.mrope import mrope_position_ids
-from model.norm import GatedRMSNorm, RMSNorm, at_least_fp32
+from model.norm import GatedRMSNorm, RMSNorm
 from model.rope import RotaryEmbedding
 from model.vision import VisionEncoder, VisionRotary
 from model.vision_tokens import check_placeholder_counts
@@ -71,6 +72,7 @@ class Qwen35LM(nn.Module):
         self.mtp = nn.ModuleList(MTPBlock(cfg) for _ in range(cfg.mtp_num_layers))
         self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.resolved_mrope_section())
         self.visual = VisionEncoder(cfg.vision, cfg.hidden_size) if cfg.vision is not None else None
+        self.token_ce = TokenCrossEntropy()
         self.num_moe_layers = sum(isinstance(m, TopKRouter) for m in self.modules())
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -173,7 +175,7 @@ class Qwen35LM(nn.Module):
 
         logits = self.lm_head(self.norm(h))
         if self.visual is None:
-            ce = cross_entropy(logits, labels)
+            ce = mean_over_labels(self.token_ce(logits, labels), labels)
             out = LMOutput(ce=ce, num_tokens=int((labels != -100).sum()))
         else:
             v = self.cfg.vision
@@ -198,8 +200,7 @@ class Qwen35LM(nn.Module):
     def _multimodal_ce(self, logits: torch.Tensor, labels: torch.Tensor, input_ids: torch.Tensor,
                        ctx: SequenceContext) -> LMOutput:
         """Mean CE (differentiable) plus its detached split into after-vision and text positions."""
-        tok = F.cross_entropy(at_least_fp32(logits).flatten(0, 1), labels.flatten(), ignore_index=-100,
-                              reduction="none").view_as(labels)
+        tok = self.token_ce(logits, labels)
         valid = labels != -100
         n = int(valid.sum())
         out = LMOutput(ce=tok.sum() / max(n, 1), num_tokens=n)
@@ -232,7 +233,8 @@ class Qwen35LM(nn.Module):
                 use_visual = (valid & shift_left(visual, k, False)).unsqueeze(-1)
                 emb_k = torch.where(use_visual, shift_left(emb, k, 0.0), emb_k)
             h = block(h, emb_k, ctx)
-            total = total + cross_entropy(self.lm_head(block.norm(h)), target)
+            logits = self.lm_head(block.norm(h))
+            total = total + mean_over_labels(self.token_ce(logits, target), target)
         return total / len(self.mtp)
 
 
@@ -269,9 +271,3 @@ def shift_left(x: torch.Tensor, k: int, fill) -> torch.Tensor:
         return x
     return torch.cat([x[:, k:], torch.full_like(x[:, :k], fill)], dim=1)
 
-
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean CE over labels != -100 in fp32; 0 (with a graph) when there is none. [B,T,V],[B,T] -> []"""
-    loss = F.cross_entropy(at_least_fp32(logits).flatten(0, 1), labels.flatten(), ignore_index=-100,
-                           reduction="sum")
-    return loss / (labels != -100).sum().clamp(min=1)

@@ -25,11 +25,10 @@ class VisionPlanConfig:
 class ParallelConfig:
     dp_replicate: int = 1       # HSDP replicas (e.g. one per node); FSDP shards within each
     dp_shard: int = -1          # FSDP shard group size; -1 = what the world size leaves over
-    tp: int = 1                 # tensor (+ sequence) parallel
+    tp: int = 1                 # tensor parallel, always with sequence parallelism (as torchtitan)
     ep: int = 1                 # expert parallel, carved from dp_shard x cp
     pp: int = 1                 # pipeline stages (issue 6)
     cp: int = 1                 # context parallel (not yet; the mesh dimension is kept)
-    sequence_parallel: bool = True      # shard norms and residuals over tp along the sequence
     # FSDP2 compute dtype: auto = bf16 on GPU, fp32 on CPU (exact comparisons); reduce and master
     # weights stay fp32.
     param_dtype: str = "auto"           # auto | bf16 | fp32

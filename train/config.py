@@ -7,6 +7,7 @@ checks the rules that span fields. Both run before any model, process group or f
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -15,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from data.config import DataConfig
 from model.config import ConfigError, ModelConfig
 from parallel.config import ParallelConfig
+from parallel.layout import validate_layout
 
 
 @dataclass
@@ -127,4 +129,10 @@ def validate_config(cfg: RootConfig) -> RootConfig:
     if c.keep_last < 0:
         raise ConfigError(f"checkpoint.keep_last={c.keep_last!r}: must be >= 0 (0 keeps all)")
     _choice(cfg.logging.wandb, ("online", "offline", "disabled"), "logging.wandb")
+    # The layout against the model and the world size, before any process group (torchrun sets
+    # WORLD_SIZE; a plain `python -m train.main` is one process).
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not world.isdigit():
+        raise ConfigError(f"WORLD_SIZE={world!r}: must be a positive integer (torchrun sets it)")
+    validate_layout(cfg.parallel, cfg.model, int(world), cfg.data.seq_len)
     return cfg

@@ -3,8 +3,9 @@
 One `Rule` ties a few project tensors to a few HF tensors with a function each way. Most rules are
 renames; the others:
 - Qwen3-Next's fused `in_proj_qkvz` / `in_proj_ba`, grouped per key head as [q, k, v(r), z(r)] and
-  [b(r), a(r)] (r = value heads per key head), become the separate `in_proj_qkv` (contiguous
-  [q | k | v]), `in_proj_z`, `in_proj_b`, `in_proj_a` (transformers' `fix_query_key_value_ordering`);
+  [b(r), a(r)] (r = value heads per key head), become the separate `in_proj_{q,k,v,z,b,a}`
+  (transformers' `fix_query_key_value_ordering`); Qwen3.5's `in_proj_qkv` and both families'
+  depthwise `conv1d` ([q | k | v] channels) split into `in_proj_{q,k,v}` and `conv_{q,k,v}`;
 - per-expert `experts.{e}.{gate,up,down}_proj.weight` (how released checkpoints and transformers'
   `save_pretrained` store them) become the fused `gate_up_proj [E, 2I, D]` ([gate | up] on dim 1)
   and `down_proj [E, D, I]`; a checkpoint holding the fused tensors maps one to one;
@@ -59,21 +60,30 @@ def next_gdn_rule(ours: str, theirs: str, cfg: ModelConfig) -> Rule:
         d = qkvz.shape[-1]
         q, k, v, z = qkvz.view(hk, 2 * dk + 2 * r * dv, d).split([dk, dk, r * dv, r * dv], dim=1)
         b, a = ba.view(hk, 2 * r, d).split([r, r], dim=1)
-        qkv = torch.cat([q.reshape(-1, d), k.reshape(-1, d), v.reshape(-1, d)])
-        return [qkv, z.reshape(-1, d), b.reshape(-1, d), a.reshape(-1, d)]
+        return [q.reshape(-1, d), k.reshape(-1, d), v.reshape(-1, d), z.reshape(-1, d),
+                b.reshape(-1, d), a.reshape(-1, d)]
 
     def to_theirs(ts: Tensors) -> Tensors:
-        qkv, z, b, a = ts
-        d = qkv.shape[-1]
-        q, k, v = qkv.split([hk * dk, hk * dk, hv * dv])
+        q, k, v, z, b, a = ts
+        d = q.shape[-1]
         qkvz = torch.cat([q.view(hk, dk, d), k.view(hk, dk, d), v.view(hk, r * dv, d),
                           z.view(hk, r * dv, d)], dim=1).reshape(-1, d)
         ba = torch.cat([b.view(hk, r, d), a.view(hk, r, d)], dim=1).reshape(-1, d)
         return [qkvz, ba]
 
-    return Rule([f"{ours}in_proj_qkv.weight", f"{ours}in_proj_z.weight", f"{ours}in_proj_b.weight",
-                 f"{ours}in_proj_a.weight"],
+    return Rule([f"{ours}in_proj_{n}.weight" for n in "qkvzba"],
                 [f"{theirs}in_proj_qkvz.weight", f"{theirs}in_proj_ba.weight"], to_ours, to_theirs)
+
+
+def split_qkv_rule(ours: str, theirs: str, cfg: ModelConfig, kind: str) -> Rule:
+    """Qwen3.5's fused `in_proj_qkv` [q | k | v] (kind 'proj') or `conv1d` (kind 'conv') <-> the
+    project's separate q, k, v tensors."""
+    sizes = [cfg.linear_num_key_heads * cfg.linear_key_head_dim] * 2 + \
+        [cfg.linear_num_value_heads * cfg.linear_value_head_dim]
+    names = ([f"{ours}in_proj_{n}.weight" for n in "qkv"] if kind == "proj"
+             else [f"{ours}conv_{n}.weight" for n in "qkv"])
+    theirs_key = f"{theirs}in_proj_qkv.weight" if kind == "proj" else f"{theirs}conv1d.weight"
+    return Rule(names, [theirs_key], lambda ts: list(ts[0].split(sizes)), lambda ts: [torch.cat(ts)])
 
 
 # ---- experts -------------------------------------------------------------------------------------
@@ -121,12 +131,14 @@ def layer_rules(cfg: ModelConfig, fam: Family, ours: str, theirs: str, layer_typ
     else:
         o, t = f"{ours}linear_attn.", f"{theirs}linear_attn."
         rules += [rename(f"{o}{n}", f"{t}{n}")
-                  for n in ("conv1d.weight", "A_log", "dt_bias", "norm.weight", "out_proj.weight")]
+                  for n in ("A_log", "dt_bias", "norm.weight", "out_proj.weight")]
+        rules.append(split_qkv_rule(o, t, cfg, "conv"))
         if fam.fused_gdn:
             rules.append(next_gdn_rule(o, t, cfg))
         else:
+            rules.append(split_qkv_rule(o, t, cfg, "proj"))
             rules += [rename(f"{o}{n}.weight", f"{t}{n}.weight")
-                      for n in ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")]
+                      for n in ("in_proj_z", "in_proj_b", "in_proj_a")]
     o, t = f"{ours}mlp.", f"{theirs}mlp."
     if not moe:
         return rules + [rename(f"{o}{n}.weight", f"{t}{n}.weight")

@@ -1,0 +1,280 @@
+"""The parallel layout as numbers: sizes resolved from `parallel.*`, the start-up checks, the table.
+
+No torch.distributed here: `validate_layout` runs in config validation, before any process group,
+and `Layout` computes every rank's coordinates and groups by arithmetic (what parallel/mesh.py
+builds as DeviceMeshes, and what the tests compare those meshes against).
+
+Rank order is Megatron's: tp varies fastest, then cp, then the data-parallel dims, pp slowest.
+With ep > 1, dp_shard is split into (dp_shard_mod_ep, dp_shard_in_ep) as torchtitan's ParallelDims
+does, so that an EP group is the dp_shard_in_ep x cp ranks (consecutive dp_shard ranks, then cp):
+experts are carved from the FSDP ranks (Megatron's MoE parallel folding) and FSDP shards the expert
+weights over the remaining dp_shard_mod_ep ranks.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from model.config import ConfigError, ModelConfig
+from parallel.config import ParallelConfig
+
+PARAM_DTYPES = ("auto", "bf16", "fp32")
+ACTIVATION_CHECKPOINTS = ("none", "full", "selective")
+VISION_PLANS = ("balanced", "replicated")
+
+# Which mesh axes (slowest to fastest) each group spans; see Layout.axes().
+GROUP_AXES = {
+    "pp": ("pp",),
+    "dp_replicate": ("dp_replicate",),
+    "dp_shard": ("dp_shard_mod_ep", "dp_shard_in_ep"),
+    "cp": ("cp",),
+    "tp": ("tp",),
+    "dp": ("dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep"),
+    "fsdp": ("dp_shard_mod_ep", "dp_shard_in_ep", "cp"),      # the shard dim (HSDP adds dp_replicate)
+    "ep": ("dp_shard_in_ep", "cp"),
+    "expert_fsdp": ("dp_shard_mod_ep",),                       # the shard dim (HSDP adds dp_replicate)
+    "loss": ("dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep", "cp"),
+    "vision": ("cp", "tp"),
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Resolved sizes of the language plan; world = pp * dp_replicate * dp_shard * cp * tp."""
+
+    world: int
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    cp: int = 1
+    tp: int = 1
+    ep: int = 1
+
+    @property
+    def dp(self) -> int:
+        """The data-parallel degree: ranks that read different data (cp and tp ranks read the same)."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def dp_shard_cp(self) -> int:
+        """The FSDP shard degree of non-expert parameters."""
+        return self.dp_shard * self.cp
+
+    @property
+    def dp_shard_mod_ep(self) -> int:
+        """The FSDP shard degree of expert parameters (dp_shard * cp when ep == 1)."""
+        return self.dp_shard * self.cp // self.ep
+
+    @property
+    def dp_shard_in_ep(self) -> int:
+        """The dp_shard ranks inside one EP group (an EP group is dp_shard_in_ep x cp ranks)."""
+        return self.ep // self.cp if self.ep > 1 else 1
+
+    def axes(self) -> list[tuple[str, int]]:
+        """(name, size) of every mesh axis, slowest to fastest; dp_shard is split in two."""
+        in_ep = self.dp_shard_in_ep
+        return [("pp", self.pp), ("dp_replicate", self.dp_replicate),
+                ("dp_shard_mod_ep", self.dp_shard // in_ep), ("dp_shard_in_ep", in_ep),
+                ("cp", self.cp), ("tp", self.tp)]
+
+    def coords(self, rank: int) -> dict[str, int]:
+        """This rank's coordinate on every axis of `axes()`."""
+        out = {}
+        for name, size in reversed(self.axes()):
+            rank, out[name] = divmod(rank, size)
+        return out
+
+    def rank_of(self, coords: dict[str, int]) -> int:
+        rank = 0
+        for name, size in self.axes():
+            rank = rank * size + coords[name]
+        return rank
+
+    def group(self, kind: str, rank: int) -> list[int]:
+        """Global ranks of `rank`'s group of `kind` (a key of GROUP_AXES), in mesh order."""
+        if kind == "ep" and self.ep == 1:
+            return [rank]
+        if kind == "expert_fsdp" and self.ep == 1:
+            kind = "fsdp"  # without EP, experts are sharded like every other parameter
+        axes = GROUP_AXES[kind]
+        sizes = dict(self.axes())
+        c = self.coords(rank)
+        out = []
+        for values in itertools.product(*(range(sizes[a]) for a in axes)):
+            out.append(self.rank_of({**c, **dict(zip(axes, values))}))
+        return out
+
+    def dp_rank(self, rank: int) -> int:
+        """Which data shard `rank` reads, in [0, dp): equal for the tp and cp ranks of a dp rank."""
+        c = self.coords(rank)
+        return ((c["dp_replicate"] * (self.dp_shard // self.dp_shard_in_ep) + c["dp_shard_mod_ep"])
+                * self.dp_shard_in_ep + c["dp_shard_in_ep"])
+
+
+def validate_layout(parallel: ParallelConfig, model: ModelConfig, world_size: int,
+                    seq_len: int | None = None, world_source: str = "WORLD_SIZE") -> Layout:
+    """Check `parallel.*` against the model and the world size; return the resolved Layout.
+
+    Raises ConfigError with one line naming the field(s), the value(s) and the rule. Runs before any
+    process group exists: `world_size` comes from the environment (`world_source` names where).
+    """
+    p = parallel
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    for fld in ("pp", "dp_replicate", "cp", "tp", "ep"):
+        need(getattr(p, fld) >= 1, f"parallel.{fld}={getattr(p, fld)!r}: must be >= 1")
+    need(p.dp_shard >= 1 or p.dp_shard == -1,
+         f"parallel.dp_shard={p.dp_shard!r}: must be >= 1, or -1 (what the world size leaves over)")
+    _check_knobs(p)
+    need(p.pp == 1, f"parallel.pp={p.pp}: not yet supported (pipeline parallelism is issue 6); "
+                    f"use parallel.pp=1")
+    need(p.cp == 1, f"parallel.cp={p.cp}: not yet supported (context parallelism); use parallel.cp=1")
+    # Rules of the model alone first: they hold whatever the world size.
+    if p.tp > 1:
+        for fld, why in _tp_split_fields(model):
+            value = getattr(model, fld)
+            need(value % p.tp == 0, f"parallel.tp={p.tp}: must divide model.{fld}={value} ({why})")
+        if seq_len is not None and getattr(p, "sequence_parallel", True):
+            need(seq_len % p.tp == 0,
+                 f"parallel.tp={p.tp}: must divide data.seq_len={seq_len} (sequence parallelism "
+                 f"splits every row's tokens across tensor-parallel ranks)")
+
+    if p.ep > 1:
+        moe = any(model.layer_is_moe(i) for i in range(model.num_layers))
+        need(moe, f"parallel.ep={p.ep}: needs an MoE model (model.mlp_type={model.mlp_type!r}, "
+                  f"model.mlp_only_layers={list(model.mlp_only_layers)} leave no MoE layer)")
+        need(model.num_experts % p.ep == 0,
+             f"parallel.ep={p.ep}: must divide model.num_experts={model.num_experts} "
+             f"(each expert-parallel rank holds num_experts/ep experts)")
+
+    need(world_size >= 1, f"{world_source}={world_size}: the world size must be >= 1")
+
+    others = p.pp * p.dp_replicate * p.cp * p.tp
+    others_s = f"{p.pp}*{p.dp_replicate}*{p.cp}*{p.tp}"
+    world_s = f"the world size {world_size} (from {world_source})"
+    if p.dp_shard == -1:
+        need(world_size % others == 0,
+             f"parallel.dp_shard=-1: {world_s} must be divisible by parallel.pp*dp_replicate*cp*tp "
+             f"= {others_s} = {others} (dp_shard=-1 takes what the world size leaves over)")
+        dp_shard = world_size // others
+        resolved = f"; dp_shard=-1 resolved to {dp_shard} from {world_source}={world_size}"
+    else:
+        dp_shard, resolved = p.dp_shard, ""
+        product = others * dp_shard
+        need(product == world_size,
+             f"parallel.pp*dp_replicate*dp_shard*cp*tp = {p.pp}*{p.dp_replicate}*{dp_shard}*{p.cp}*{p.tp}"
+             f" = {product}: must equal {world_s}")
+    layout = Layout(world=world_size, pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=dp_shard,
+                    cp=p.cp, tp=p.tp, ep=p.ep)
+
+    if p.ep > 1:
+        need(layout.dp_shard_cp % p.ep == 0,
+             f"parallel.ep={p.ep}: must divide parallel.dp_shard*cp = {dp_shard}*{p.cp} = "
+             f"{layout.dp_shard_cp} (experts are carved from the FSDP ranks, MoE parallel "
+             f"folding{resolved})")
+        need(p.ep % p.cp == 0, f"parallel.ep={p.ep}: must be a multiple of parallel.cp={p.cp} "
+                               f"(an expert-parallel group spans whole context-parallel groups)")
+    return layout
+
+
+def _check_knobs(p: ParallelConfig) -> None:
+    def choice(value, allowed, fld):
+        if value not in allowed:
+            raise ConfigError(f"{fld}={value!r}: must be one of {', '.join(map(repr, allowed))}")
+
+    choice(p.param_dtype, PARAM_DTYPES, "parallel.param_dtype")
+    choice(p.activation_checkpoint, ACTIVATION_CHECKPOINTS, "parallel.activation_checkpoint")
+    choice(p.vision.name, VISION_PLANS, "parallel.vision.name")
+    if p.selective_ac_every < 1:
+        raise ConfigError(f"parallel.selective_ac_every={p.selective_ac_every!r}: must be >= 1")
+    if p.expert_capacity_factor is not None and not p.expert_capacity_factor > 0:
+        raise ConfigError(f"parallel.expert_capacity_factor={p.expert_capacity_factor!r}: must be > 0, "
+                          f"or null (dropless)")
+    if not p.collective_timeout_s > 0:
+        raise ConfigError(f"parallel.collective_timeout_s={p.collective_timeout_s!r}: must be > 0")
+
+
+def _tp_split_fields(model: ModelConfig) -> list[tuple[str, str]]:
+    """(model field, why) for every size that tensor parallelism splits across its ranks."""
+    out = [("num_attention_heads", "attention heads are split across tensor-parallel ranks"),
+           ("num_key_value_heads", "KV heads are split across tensor-parallel ranks"),
+           ("linear_num_key_heads", "Gated DeltaNet key heads are split across tensor-parallel ranks"),
+           ("linear_num_value_heads", "Gated DeltaNet value heads are split across tensor-parallel ranks"),
+           ("vocab_size", "the embedding and LM head are split by vocabulary")]
+    layers = range(model.num_layers)
+    if any(not model.layer_is_moe(i) for i in layers):
+        out.append(("intermediate_size", "dense MLPs are split across tensor-parallel ranks"))
+    if any(model.layer_is_moe(i) for i in layers) and model.shared_expert_intermediate_size > 0:
+        out.append(("shared_expert_intermediate_size",
+                    "the shared expert is split across tensor-parallel ranks"))
+    return out
+
+
+def layout_table(layout: Layout, model: ModelConfig, vision_plan: str = "balanced") -> str:
+    """A table for the start-up log: each dimension, its size, rank 0's group and what it splits."""
+    L, m = layout, model
+    tp, ep = L.tp, L.ep
+    moe = any(m.layer_is_moe(i) for i in range(m.num_layers))
+
+    def split(n: int, k: int) -> str:
+        return f"{n}->{n // k}"
+
+    if tp > 1:
+        tp_what = (f"attention heads {split(m.num_attention_heads, tp)} per rank, KV heads "
+                   f"{split(m.num_key_value_heads, tp)}, GDN heads k {split(m.linear_num_key_heads, tp)} "
+                   f"v {split(m.linear_num_value_heads, tp)}, vocab {split(m.vocab_size, tp)} "
+                   f"(embedding, LM head, cross-entropy); sequence parallel between TP regions"
+                   + ("; the ViT is not TP-sharded" if m.vision is not None else ""))
+    else:
+        tp_what = "- (nothing split)"
+    if not moe:
+        ep_what = "- (dense model)"
+    elif ep > 1:
+        ep_what = (f"experts {m.num_experts}->{m.num_experts // ep} per EP rank, carved from "
+                   f"dp_shard x cp (MoE parallel folding); tokens all-to-all within the group")
+    else:
+        ep_what = f"- (every rank holds all {m.num_experts} experts, FSDP-sharded)"
+    rep = ", replicated over dp_replicate" if L.dp_replicate > 1 else ""
+    if m.vision is None:
+        vis_what = "- (text-only model)"
+    elif tp == 1:
+        vis_what = f"{vision_plan}: plain data parallel (each rank encodes its own images)"
+    elif vision_plan == "balanced":
+        vis_what = "balanced: each TP rank encodes a share of the images (by patch count), all-gathered"
+    else:
+        vis_what = "replicated: every TP rank encodes every image"
+
+    rows = [
+        ("tp", tp, "tp", tp_what),
+        ("cp", L.cp, "cp", "- (context parallel not yet)" if L.cp == 1 else "sequence split"),
+        ("dp_shard", L.dp_shard, "dp_shard",
+         "FSDP shards parameters, gradients, optimizer state; each rank its own data"),
+        ("dp_replicate", L.dp_replicate, "dp_replicate",
+         "HSDP replicas: gradients all-reduced across them" if L.dp_replicate > 1 else "- (no HSDP)"),
+        ("pp", L.pp, "pp", "- (one stage)" if L.pp == 1 else "pipeline stages"),
+        ("ep", ep, "ep", ep_what),
+        ("dp (data)", L.dp, "dp", "ranks reading different data; the tp and cp ranks of one read the same"),
+        ("fsdp", L.dp_shard_cp, "fsdp", f"non-expert parameters sharded over dp_shard x cp{rep}"),
+        ("expert fsdp", L.dp_shard_mod_ep, "expert_fsdp",
+         "-" if not moe else f"expert parameters sharded over dp_shard x cp / ep{rep}" if ep > 1
+         else "- (ep 1: experts sharded over fsdp with the rest)"),
+        ("vision", tp * L.cp, "vision", vis_what),
+    ]
+    head = (f"parallel layout: world {L.world} = pp {L.pp} x dp_replicate {L.dp_replicate} x dp_shard "
+            f"{L.dp_shard} x cp {L.cp} x tp {tp}, ep {ep} (rank order: tp fastest, then cp, dp_shard, "
+            f"dp_replicate, pp)")
+    lines = [head, f"  {'dim':<13}{'size':>5}  {'rank 0 group':<18}what it splits"]
+    for name, size, kind, what in rows:
+        group = _fmt_group(L.group(kind, 0))
+        lines.append(f"  {name:<13}{size:>5}  {group:<18}{what}")
+    return "\n".join(lines)
+
+
+def _fmt_group(ranks: list[int]) -> str:
+    if len(ranks) > 6:
+        return f"[{ranks[0]}, {ranks[1]}, ..., {ranks[-1]}]"
+    return "[" + ", ".join(map(str, ranks)) + "]"

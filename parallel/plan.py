@@ -1,0 +1,49 @@
+"""Applies the parallel plans to a model built whole on every rank (same seed, same weights):
+expert parallelism, tensor + sequence parallelism, the vision plan, activation checkpointing,
+then FSDP2 over the data-parallel ranks (the order torchtitan uses: TP/EP, then AC, then FSDP)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from model.language_model import Qwen35LM
+from parallel.activation_checkpoint import apply_activation_checkpoint
+from parallel.config import ParallelConfig
+from parallel.fsdp import apply_fsdp
+
+log = logging.getLogger("parallel")
+
+
+def fsdp_param_dtype(name: str, device: torch.device) -> Optional[torch.dtype]:
+    """parallel.param_dtype -> the FSDP2 compute dtype (None: keep the parameters' own dtype)."""
+    if name == "bf16" or (name == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def parallelize(model: Qwen35LM, meshes, pcfg: ParallelConfig, device: torch.device) -> Qwen35LM:
+    """`meshes` is parallel.mesh.Meshes (tp, ep, vision, fsdp, expert_fsdp, dp_size)."""
+    if meshes.ep is not None:
+        from parallel.expert_parallel import apply_expert_parallel
+
+        apply_expert_parallel(model, meshes.ep, pcfg.expert_capacity_factor)
+    if meshes.tp is not None:
+        from parallel.tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, meshes.tp)
+    if model.visual is not None and meshes.vision is not None:
+        from parallel.vision_plan import apply_vision_plan
+
+        apply_vision_plan(model, meshes.vision, pcfg.vision.name)
+    n = apply_activation_checkpoint(model.layers, pcfg.activation_checkpoint, pcfg.selective_ac_every)
+    if n:
+        log.info("activation checkpointing (%s): %d of %d decoder layers", pcfg.activation_checkpoint,
+                 n, len(model.layers))
+    if meshes.fsdp is not None and meshes.fsdp.size() > 1:
+        apply_fsdp(model, meshes.fsdp, param_dtype=fsdp_param_dtype(pcfg.param_dtype, device),
+                   reshard_after_forward=pcfg.reshard_after_forward,
+                   expert_mesh=meshes.expert_fsdp)
+    return model
