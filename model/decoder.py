@@ -42,7 +42,8 @@ class MTPBlock(nn.Module):
     """One depth of multi-token prediction (DeepSeek-V3 / Qwen3-Next style):
     h' = layer(fc([norm(emb(t_{i+k})) ; norm(h_i)])). The embedding and LM head are the main model's.
 
-    h, emb: [B, T, D] -> [B, T, D] (before the final norm).
+    h, emb: [B, T, D] -> (h' [B, T, D] before the block's final norm, norm(h') for the LM head).
+    The norm runs inside forward so that a wrapper of the block (FSDP) has its weights gathered.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -53,6 +54,8 @@ class MTPBlock(nn.Module):
         self.layer = DecoderLayer(cfg, FULL_ATTENTION, moe=cfg.mlp_type == "moe")
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, emb: torch.Tensor,
+                ctx: SequenceContext) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.fc(torch.cat([self.pre_fc_norm_embedding(emb), self.pre_fc_norm_hidden(h)], dim=-1))
-        return self.layer(x, ctx)
+        h = self.layer(x, ctx)
+        return h, self.norm(h)

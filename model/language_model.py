@@ -148,7 +148,10 @@ class Qwen35LM(nn.Module):
             if pixels is not None and grid.shape[0] > 0:
                 items.append((pixels, grid, token_id))
         if not items:
-            return emb
+            # Run the tower on nothing all the same: under data parallelism every rank must run the
+            # same modules (FSDP gathers the tower's weights collectively), whatever its batch holds.
+            empty = self.visual(emb.new_zeros(0, v.patch_dim), input_ids.new_zeros(0, 3))
+            return emb + empty.sum().to(emb.dtype)
         # One encoder call for all images and videos of the batch.
         feats = self.visual(torch.cat([p for p, _, _ in items]), torch.cat([g for _, g, _ in items]))
         sizes = [int(g.prod(-1).sum()) // v.merge_unit for _, g, _ in items]
@@ -232,8 +235,8 @@ class Qwen35LM(nn.Module):
             if self.visual is not None and emb is not None:
                 use_visual = (valid & shift_left(visual, k, False)).unsqueeze(-1)
                 emb_k = torch.where(use_visual, shift_left(emb, k, 0.0), emb_k)
-            h = block(h, emb_k, ctx)
-            logits = self.lm_head(block.norm(h))
+            h, normed = block(h, emb_k, ctx)
+            logits = self.lm_head(normed)
             total = total + mean_over_labels(self.token_ce(logits, target), target)
         return total / len(self.mtp)
 

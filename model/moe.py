@@ -46,15 +46,20 @@ class TopKRouter(nn.Module):
         weights = probs.gather(-1, idx)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        with torch.no_grad():
-            self.tokens_per_expert += torch.bincount(idx.flatten(), minlength=self.num_experts).float()
+        # Counted once per forward: not again when activation checkpointing recomputes the layer
+        # inside backward (the graph-task id is -1 outside backward, as torch.utils.checkpoint reads it).
+        if torch._C._current_graph_task_id() == -1:
+            with torch.no_grad():
+                self.tokens_per_expert += torch.bincount(idx.flatten(), minlength=self.num_experts).float()
         return logits, probs, idx, weights
 
 
 class LocalTokenDispatcher:
     """Permutes token copies so that each expert's tokens are contiguous, and back.
 
-    dispatch: x [N, D], idx [N, k] -> (x_sorted [N*k, D], tokens_per_expert [E] int64)
+    dispatch: x [N, D], idx [N, k] -> (x_sorted [M, D], tokens_per_expert [E_local] int64): the
+    rows this process's experts compute, sorted by expert. Here M = N*k and E_local = E; an
+    expert-parallel dispatcher returns the rows its local experts receive from every rank.
     combine:  y_sorted [N*k, D], weights [N, k] -> [N, D]
     """
 
@@ -104,6 +109,8 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torc
     x: [M, K], w: [E, N, K], offs: [E] int32 cumulative row counts -> [M, N] in x's dtype.
     """
     w = w.to(x.dtype)
+    if x.shape[0] == 0:  # no rows (an expert-parallel rank that received none); keeps w in the graph
+        return x @ w[0].T
     if x.dtype in GROUPED_MM_DTYPES:
         return F.grouped_mm(x, w.transpose(1, 2), offs=offs)
     # float64 (reference and gradient checks only): grouped_mm has no kernel, split per expert.
@@ -130,8 +137,9 @@ class SparseMoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits, probs, idx, weights = self.gate(x)
-        x_sorted, counts = self.dispatcher.dispatch(x, idx)
-        out = self.dispatcher.combine(self.experts(x_sorted, counts), weights)
+        counts = torch.bincount(idx.flatten(), minlength=self.num_experts)  # this batch's routing
+        x_sorted, tokens_per_expert = self.dispatcher.dispatch(x, idx)
+        out = self.dispatcher.combine(self.experts(x_sorted, tokens_per_expert), weights)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         ctx.add_aux_loss("moe_aux", switch_load_balancing_loss(probs, counts, self.top_k))

@@ -215,6 +215,11 @@ class VisionEncoder(nn.Module):
         return self.rotary_pos_emb(rows, cols)
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        if grid_thw.shape[0] == 0:
+            # No item: an empty result that still depends on every parameter, so that a rank
+            # without images runs the tower (and gets zero gradients) like its data-parallel peers.
+            zero = sum(p.sum() for p in self.parameters()) * 0
+            return self.merger.linear_fc2.weight.new_zeros(0, self.merger.linear_fc2.out_features) + zero
         grids = grid_list(grid_thw)
         expected = sum(t * h * w for t, h, w in grids)
         if pixel_values.shape[0] != expected:

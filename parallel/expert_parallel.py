@@ -41,7 +41,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import parallelize_module
 
-from model.moe import GroupedExperts, SparseMoE
+from model.moe import SparseMoE
 from parallel.local_params import LocalCompute
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
@@ -78,12 +78,9 @@ class AllToAllTokenDispatcher:
     `model.moe.LocalTokenDispatcher`, with P = group size ranks holding L = E / P experts each
     (rank p: experts p*L .. p*L+L-1).
 
-    dispatch: x [N, D], idx [N, k] -> (x_local_sorted [M, D], routed_counts [E] int64)
+    dispatch: x [N, D], idx [N, k] -> (x_local_sorted [M, D], tokens_per_local_expert [L] int64)
         x_local_sorted are the rows this rank's L experts must process (from every ep rank), sorted
-        by local expert; `self.tokens_per_local_expert` [L] says how many per expert. The second
-        return value is *this rank's* token copies per global expert before any drop, which
-        `SparseMoE` feeds to its load-balancing loss; the experts module gets the local counts
-        through the hook that `apply_expert_parallel` installs (see the note there).
+        by local expert.
     combine: y_sorted [M, D], weights [N, k] -> [N, D], sum_j weights[:, j] * expert output of
         copy j (zero for dropped copies), as `LocalTokenDispatcher.combine`.
 
@@ -170,21 +167,10 @@ class AllToAllTokenDispatcher:
         self._local_order = local_expert.argsort(stable=True)
         self._order, self._shape = order, (n, k)
         self.tokens_per_local_expert = recv_counts.view(p, nl).sum(0)
-        self._expert_counts = self.tokens_per_local_expert
-        x_local = x_recv[self._local_order]
-        self._padded = x_local.shape[0] == 0
-        if self._padded:
-            # grouped_mm's CPU backward fails on zero rows: run one zero row (its output is cut
-            # off in combine, so it adds nothing to any gradient).
-            x_local = x_local.new_zeros((1, x.shape[1]))
-            self._expert_counts = torch.zeros_like(self.tokens_per_local_expert)
-            self._expert_counts[-1] = 1
-        return x_local, counts
+        return x_recv[self._local_order], self.tokens_per_local_expert
 
     def combine(self, y_sorted: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         n, k = self._shape
-        if self._padded:
-            y_sorted = y_sorted[:0]
         y_recv = torch.empty_like(y_sorted)
         y_recv[self._local_order] = y_sorted
         y_back = _AllToAllRows.apply(y_recv, self._recv, self._send, self, self._what("tokens combine"))
@@ -195,17 +181,6 @@ class AllToAllTokenDispatcher:
         y[self._order] = y_back
         y = y.view(n, k, -1) * weights.unsqueeze(-1).to(y.dtype)
         return y.sum(dim=1)
-
-
-def _local_expert_counts(experts: GroupedExperts, dispatcher: AllToAllTokenDispatcher) -> None:
-    """Hands `experts.forward` the dispatcher's per-local-expert counts [L] instead of the [E]
-    routing counts that `SparseMoE` passes it (those feed the load-balancing loss; see dispatch)."""
-
-    def pre_hook(module, args):
-        x_sorted, _ = args
-        return x_sorted, dispatcher._expert_counts
-
-    experts.register_forward_pre_hook(pre_hook)
 
 
 def moe_blocks(model: nn.Module) -> list[tuple[str, SparseMoE]]:
@@ -238,7 +213,6 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, capacity_factor
         # DTensor storage, local compute: forward hooks show experts.forward the local shards.
         parallelize_module(moe.experts, ep_mesh, LocalCompute({p: Shard(0) for p in EXPERT_PARAMS}))
         moe.dispatcher = AllToAllTokenDispatcher(moe.num_experts, group, capacity_factor, name=name)
-        _local_expert_counts(moe.experts, moe.dispatcher)   # after LocalCompute's hook: sees its args
     return model
 
 

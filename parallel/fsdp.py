@@ -42,4 +42,5 @@ def apply_fsdp(model: Qwen35LM, mesh: DeviceMesh, *, param_dtype: Optional[torch
     units.append(fully_shard(model, **{**kw, "reshard_after_forward": False}))
     for unit in units:
         unit.set_gradient_divide_factor(1.0)  # sum: the losses carry the global-batch weights
+        unit.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
     return model

@@ -41,10 +41,6 @@ class Meshes:
     expert_fsdp: DeviceMesh | None
     # The group the balanced vision plan splits a micro-batch's images over: the TP group.
     vision: DeviceMesh | None
-    # Under the balanced plan every TP rank computes ViT gradients from different images, so the
-    # ViT's FSDP mesh spans the tp ranks too: dp_shard x cp x tp (2-D with dp_replicate under HSDP).
-    # Equals `fsdp` when tp == 1.
-    vision_fsdp: DeviceMesh
     # Where per-rank loss values are averaged for logging: the dp (x cp) ranks. tp ranks hold equal
     # values, so they are left out.
     loss: DeviceMesh
@@ -108,8 +104,6 @@ def build_meshes(layout: Layout, device_type: str) -> Meshes:
         ep=join(("dp_shard_in_ep", "cp"), "ep") if split else None,
         expert_fsdp=with_replicate(world["dp_shard_mod_ep"]) if split else None,
         vision=join(("cp", "tp"), "cp_tp"),
-        vision_fsdp=(with_replicate(join(shard_axes + ("tp",), "dp_shard_cp_tp")) if tp is not None
-                     else with_replicate(fsdp_shard)),
         loss=join(("dp_replicate",) + shard_axes, "dp_cp"),
         dp_rank=layout.dp_rank(rank),
         dp_size=layout.dp,

@@ -1,5 +1,5 @@
 """Each parallel layout against one process on the same global batch: three optimizer steps of the
-tiny multimodal model, in float64, compare every micro-batch loss and every gradient (gathered to
+tiny multimodal model (with an MTP block), in float64, compare every micro-batch loss and every gradient (gathered to
 full tensors) with a single-process run that accumulates the same micro-batches."""
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 def check_layout(rank: int, world: int, sizes: dict, vision: str, ac: str) -> None:
     cfg = load_model_config("tiny_vl")
+    cfg.mtp_num_layers = 1
     torch.manual_seed(0)
     ref = Qwen35LM(cfg).double()
     model = copy.deepcopy(ref)

@@ -9,6 +9,7 @@ Flags: --cfg prints the resolved config and exits; --help lists the config group
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -68,11 +69,16 @@ def _one_line(e: BaseException) -> str:
     return " | ".join(lines)
 
 
-def setup_logging(run_dir: Path) -> None:
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+def setup_logging(run_dir: Path, rank: int) -> None:
+    """Rank 0 logs INFO to stdout and <run_dir>/train.log; other ranks only warnings, to stdout."""
+    fmt = logging.Formatter(f"%(asctime)s {'' if rank == 0 else f'[rank {rank}] '}%(levelname)s "
+                            f"%(name)s: %(message)s", "%H:%M:%S")
     root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    for h in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "train.log")):
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if rank == 0:
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    for h in handlers:
         h.setFormatter(fmt)
         root.addHandler(h)
 
@@ -98,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
-    setup_logging(run_dir)
+    rank = int(os.environ.get("RANK", "0"))  # torchrun sets it; the process group starts later
+    if rank == 0:
+        OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
+    setup_logging(run_dir, rank)
     from train.trainer import Trainer  # heavy imports only once the config is known to be good
 
     Trainer(cfg, run_dir).fit()

@@ -19,17 +19,24 @@ def no_weight_decay(name: str, param: torch.Tensor) -> bool:
     return leaf in NO_DECAY_SUFFIXES or "norm" in name or param.ndim < 2
 
 
+def mesh_key(p: torch.Tensor) -> tuple:
+    """() for a plain tensor; the mesh's dimension names and ranks for a DTensor."""
+    mesh = getattr(p, "device_mesh", None)
+    return () if mesh is None else (mesh.mesh_dim_names or (), tuple(mesh.mesh.flatten().tolist()))
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """Groups: (language | vision) x (decay | no decay); the vision tower's lr is
-    cfg.lr * cfg.vision_lr_scale. Empty groups are dropped."""
-    groups: dict[tuple[bool, bool], list] = {}
+    cfg.lr * cfg.vision_lr_scale. Empty groups are dropped. Under parallel plans the groups are
+    split further by mesh: the foreach kernels take plain tensors or DTensors of one mesh per call."""
+    groups: dict[tuple, list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            key = (name.startswith("visual."), no_weight_decay(name, p))
+            key = (name.startswith("visual."), no_weight_decay(name, p), mesh_key(p))
             groups.setdefault(key, []).append(p)
     groups = [{"params": params, "weight_decay": 0.0 if skip_decay else cfg.weight_decay,
                "lr": cfg.lr * (cfg.vision_lr_scale if vision else 1.0)}
-              for (vision, skip_decay), params in sorted(groups.items())]
+              for (vision, skip_decay, _), params in sorted(groups.items())]
     on_cuda = any(p.is_cuda for p in model.parameters())
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              fused=on_cuda or None, foreach=None if on_cuda else True)

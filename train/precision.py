@@ -4,15 +4,21 @@ state always (autocast keeps fp32 master weights by construction)."""
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
 
 def resolve_device(name: str) -> torch.device:
+    """cpu, or this process's GPU (LOCAL_RANK under torchrun)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device='cuda' but no CUDA device is visible; use train.device=cpu")
+    if name == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        return device
     return torch.device(name)
 
 

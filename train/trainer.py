@@ -1,5 +1,11 @@
-"""The single-process training loop: micro-batches -> loss -> clip -> AdamW step -> metrics ->
-checkpoints, with exact resume."""
+"""The training loop: micro-batches -> loss -> clip -> AdamW step -> metrics -> checkpoints, with
+exact resume. One process, or one of many under torchrun with the layout of `parallel.*`: the model
+is built whole on every rank (same seed), then the plans of parallel/ shard it.
+
+Under data parallelism each rank weights its micro-batch losses by their share of the loss tokens
+of the whole global batch, and FSDP sums the gradients: the result is the gradient of the global
+token mean, as one process accumulating all the micro-batches would get. Logged losses are reduced
+the same way; metrics are written by rank 0."""
 
 from __future__ import annotations
 
@@ -19,6 +25,8 @@ from data import build_loader
 from model.language_model import Qwen35LM
 from model.moe import collect_expert_load, update_router_bias
 from model.params import count_params, train_flops_per_token
+from parallel.distributed import init_distributed, rank, shutdown, sum_over
+from parallel.grads import clip_grad_norm_, global_grad_norm, match_grad_placements
 from train import checkpoint as ckpt
 from train.config import RootConfig
 from train.metrics import MetricsLogger, console_line, peak_flops
@@ -41,18 +49,27 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.device = resolve_device(cfg.train.device)
         self.amp_dtype = autocast_dtype(cfg.train.autocast, self.device)
-        seed_everything(cfg.train.seed)
+        self.meshes = init_distributed(cfg.parallel, cfg.model, cfg.data.seq_len, self.device)
+        self.is_main = rank() == 0
+        seed_everything(cfg.train.seed)  # the same on every rank: every rank builds the same model
 
         self.model = Qwen35LM(cfg.model).to(self.device)
+        counts = count_params(self.model)
+        dp_rank, dp_size, self.world = 0, 1, 1
+        if self.meshes is not None:
+            from parallel.plan import parallelize
+
+            parallelize(self.model, self.meshes, cfg.parallel, self.device)
+            dp_rank, dp_size, self.world = self.meshes.dp_rank, self.meshes.dp_size, self.meshes.layout.world
+        self.dp_size = dp_size
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
-        self.loader = build_loader(cfg.data)
+        self.loader = build_loader(cfg.data, dp_rank, dp_size)
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
         self.step = 0
         self.skipped_steps = 0
         self.bad_streak = 0
 
-        counts = count_params(self.model)
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len, counts)
         self.peak_flops, peak_source = peak_flops(self.device, cfg.train.peak_flops)
         log.info("model %s: %.2fM parameters, %.2fM active per token, %.3g train FLOPs/token",
@@ -105,12 +122,14 @@ class Trainer:
         t0 = time.perf_counter()
         batches = [next(self.loader) for _ in range(cfg.grad_accum)]
         data_wait = time.perf_counter() - t0
-        total_tokens = max(sum(b["num_tokens"] for b in batches), 1)
+        local_tokens = sum(b["num_tokens"] for b in batches)
+        # Loss tokens of the global batch: every data-parallel rank weights by the same total.
+        total_tokens = max(self._sum_dp([local_tokens])[0], 1)
         sums: dict[str, float] = {}
         modality = {"ce_after_vision": [0.0, 0], "ce_text": [0.0, 0]}  # [CE x tokens, tokens]
         self.optimizer.zero_grad(set_to_none=True)
         for b in batches:
-            # Token-weighted so that accumulation equals one large batch.
+            # Token-weighted so that accumulation (and data parallelism) equals one large batch.
             weight = b["num_tokens"] / total_tokens
             visual = {k: b[k].to(self.device) for k in VISUAL_KEYS if b.get(k) is not None}
             with autocast(self.device, self.amp_dtype):
@@ -129,23 +148,31 @@ class Trainer:
                     modality[name][0] += getattr(out, name).float().item() * n
                     modality[name][1] += n
 
+        names = sorted(sums)
+        sums = dict(zip(names, self._sum_dp([sums[n] for n in names])))
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.meshes is not None:
+            from parallel.vision_plan import reduce_vision_grads
+
+            match_grad_placements(params)
+            reduce_vision_grads(self.model)  # the balanced plan's ViT grads are partial over tp
+
         vision_metrics = {}
         if self.model.visual is not None:
-            # Per-modality CE (token-weighted over the micro-batches; null when a step had no such
-            # token) and the vision tower's gradient norm before clipping.
-            for name, (total, n) in modality.items():
+            # Per-modality CE (token-weighted over the micro-batches and ranks; null when a step
+            # had no such token) and the vision tower's gradient norm before clipping.
+            flat = self._sum_dp([x for pair in modality.values() for x in pair])
+            for i, name in enumerate(modality):
+                total, n = flat[2 * i], flat[2 * i + 1]
                 vision_metrics[name] = total / n if n else None
-            vision_metrics["tokens_after_vision"] = modality["ce_after_vision"][1]
-            vgrads = [p.grad for p in self.model.visual.parameters() if p.grad is not None]
-            vision_metrics["vision_grad_norm"] = (
-                float(torch.nn.utils.get_total_norm(vgrads, foreach=True)) if vgrads else 0.0)
+            vision_metrics["tokens_after_vision"] = int(flat[1])
+            vision_metrics["vision_grad_norm"] = float(global_grad_norm(
+                [p for p in self.model.visual.parameters() if p.grad is not None]))
 
-        params = [p for p in self.model.parameters() if p.grad is not None]
         if cfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+            grad_norm = float(clip_grad_norm_(params, cfg.grad_clip))
         else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-        grad_norm = float(grad_norm)
+            grad_norm = float(global_grad_norm(params))
         lr = self.scheduler.get_last_lr()[0]
 
         finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
@@ -166,11 +193,15 @@ class Trainer:
         self.step += 1
 
         record = {"step": self.step, **sums, "lr": lr, "grad_norm": grad_norm,
-                  "tokens": sum(b["input_ids"].numel() for b in batches),
+                  "tokens": sum(b["input_ids"].numel() for b in batches) * self.dp_size,
                   "loss_tokens": total_tokens, "skipped_steps": self.skipped_steps, **vision_metrics,
                   "data_wait_s": data_wait, **self._data_metrics(batches)}
         record.update(self._expert_load_metrics(finite))
         return record
+
+    def _sum_dp(self, values: list[float]) -> list[float]:
+        """Sum over the data-parallel ranks (tensor-parallel ranks hold the same values)."""
+        return sum_over(values, self.meshes.loss if self.meshes is not None else None)
 
     def _data_metrics(self, batches: list[dict]) -> dict[str, Any]:
         """Realised token share per mixture source this step, and the loader's skip counters."""
@@ -190,6 +221,8 @@ class Trainer:
         load = collect_expert_load(self.model)
         if load is None:
             return {}
+        if self.meshes is not None:  # the routing decisions of every data-parallel rank
+            load = torch.tensor(self._sum_dp(load.flatten().tolist())).view_as(load)
         if update_bias and self.cfg.model.router_bias_balancing:
             update_router_bias(self.model, load, self.cfg.model.router_bias_update_rate)
         per_layer = (load.max(dim=1).values / load.mean(dim=1).clamp(min=1e-9)).tolist()
@@ -205,7 +238,8 @@ class Trainer:
         self.restore()
         metrics = MetricsLogger(self.run_dir, cfg.logging.wandb, cfg.logging.project,
                                 cfg.logging.run_name,
-                                OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+                                OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
+                                enabled=self.is_main)
         history = []
         last_saved = self.step
         try:
@@ -217,11 +251,13 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 record["step_time_s"] = dt
                 record["tokens_per_s"] = record["tokens"] / dt
-                record["mfu"] = self.flops_per_token * record["tokens_per_s"] / self.peak_flops
+                record["mfu"] = (self.flops_per_token * record["tokens_per_s"]
+                                 / (self.peak_flops * self.world))
                 history.append(record)
                 if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.max_steps:
                     metrics.log(record)
-                    log.info(console_line(record, cfg.train.max_steps))
+                    if self.is_main:
+                        log.info(console_line(record, cfg.train.max_steps))
                 if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                     self.save()
                     last_saved = self.step
@@ -230,14 +266,19 @@ class Trainer:
             self.final_report()
         finally:
             metrics.close()
+            shutdown()
         return history
 
     def final_report(self) -> None:
-        """The held-out caption check (vision models, when asked for) and the loss-curve plot."""
+        """The held-out caption check (vision models, when asked for; every rank runs the same
+        held-out batches through the sharded model) and the loss-curve plot, written by rank 0."""
         if self.cfg.train.heldout_caption_docs and self.model.visual is not None:
             result = caption_loss_gap(self.model, self.cfg.data, self.cfg.train.heldout_caption_docs,
                                       self.device, self.amp_dtype, seed=self.cfg.train.seed)
-            write_caption_report(result, self.run_dir)
+            if self.is_main:
+                write_caption_report(result, self.run_dir)
+        if not self.is_main:
+            return
         metrics_file = self.run_dir / "metrics.jsonl"
         if metrics_file.exists():
             records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
