@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import tempfile
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
@@ -27,29 +24,19 @@ from model.context import SequenceContext
 from model.moe import LocalTokenDispatcher, SparseMoE
 from parallel.expert_parallel import (EXPERT_PARAMS, AllToAllTokenDispatcher, apply_expert_parallel,
                                       collect_comm_bytes, collect_dropped_tokens)
+from tests.distributed import run_ranks
 
 # fp32: a few ulps at O(1) values; gradient sums run in a different order across ranks.
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 AUX, Z = 0.3, 0.1        # loss weights of the aux and z losses, so that the router sees them
 
 
+def _with_ep_mesh(rank: int, world: int, worker, *args) -> None:
+    worker(rank, world, init_device_mesh("cpu", (world,), mesh_dim_names=("ep",)), *args)
+
+
 def _run(worker, world: int, *args) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    with tempfile.TemporaryDirectory() as d:
-        # fork: the children inherit the imported torch and model instead of importing them again
-        # (seconds per process on two cores); nothing here has started threads or CUDA.
-        mp.start_processes(_entry, args=(world, os.path.join(d, "store"), worker, args), nprocs=world,
-                           join=True, start_method="fork")
-
-
-def _entry(rank: int, world: int, store: str, worker, args) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    try:
-        worker(rank, world, init_device_mesh("cpu", (world,), mesh_dim_names=("ep",)), *args)
-    finally:
-        dist.destroy_process_group()
+    run_ranks(world, _with_ep_mesh, worker, *args, timeout_s=60)
 
 
 def _ctx() -> SequenceContext:

@@ -1,6 +1,5 @@
 """`python -m train.main` under torchrun with gloo ranks on CPU: tensor parallelism gives the losses
-of one process on the same data, and a data-parallel run with experts spread by EP resumes from a
-sharded checkpoint exactly."""
+of one process on the same data, and runs resume from sharded checkpoints exactly."""
 
 import json
 import os
@@ -39,9 +38,10 @@ def test_tensor_parallel_run_matches_one_process(tmp_path):
     assert [r["tokens"] for r in tp] == [r["tokens"] for r in one]
 
 
-def test_data_and_expert_parallel_resume_is_exact(tmp_path):
-    """dp_shard=2 with ep=2: 6 steps in one go equal 3 steps, a sharded checkpoint, and 3 more."""
-    layout = ["parallel.dp_shard=2", "parallel.ep=2"]
+@pytest.mark.parametrize("layout", [["parallel.dp_shard=2", "parallel.ep=2"], ["parallel.tp=2"]],
+                         ids=["dp2-ep2", "tp2"])
+def test_resume_in_the_same_layout_is_exact(tmp_path, layout):
+    """6 steps in one go equal 3 steps, a sharded checkpoint, and 3 more."""
     full = train(tmp_path / "full", 2, "train.max_steps=6", "checkpoint.interval=0", *layout)
     split_dir = tmp_path / "split"
     train(split_dir, 2, "train.max_steps=3", "checkpoint.interval=3", *layout)
@@ -49,4 +49,5 @@ def test_data_and_expert_parallel_resume_is_exact(tmp_path):
     assert [r["step"] for r in split] == list(range(1, 7))
     for key in ("loss", "ce", "mtp_ce", "moe_aux", "grad_norm", "lr", "expert_load_imbalance"):
         assert [r[key] for r in split] == [r[key] for r in full], key
-    assert full[0]["tokens"] == 2 * 2 * 64  # two data-parallel ranks x batch 2 x 64 tokens
+    dp = 2 if "parallel.dp_shard=2" in layout else 1
+    assert full[0]["tokens"] == dp * 2 * 64  # data-parallel ranks x batch 2 x 64 tokens
