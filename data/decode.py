@@ -36,7 +36,10 @@ def decode_image(data: bytes, max_pixels: int) -> tuple[torch.Tensor, bool]:
             if oversized and img.format == "JPEG":
                 img.draft("RGB", (max(1, int(w * (REDUCE_SLACK * max_pixels / (w * h)) ** 0.5)),
                                   max(1, int(h * (REDUCE_SLACK * max_pixels / (w * h)) ** 0.5))))
-            img = img.convert("RGB")
+            if img.mode == "RGB":
+                img.load()  # converting would only copy it; load() raises for a damaged file
+            else:
+                img = img.convert("RGB")
             w, h = img.size
             factor = int((w * h / (REDUCE_SLACK * max_pixels)) ** 0.5)
             if factor >= 2:
@@ -51,7 +54,7 @@ def decode_image(data: bytes, max_pixels: int) -> tuple[torch.Tensor, bool]:
 
 
 def decode_video(data: bytes, key: str, fps_hint: float | None = None) -> tuple[torch.Tensor, float]:
-    """Encoded clip -> (frames [F, 3, H, W] uint8, frames per second)."""
+    """Encoded clip -> (frames [F, 3, H, W] uint8, not contiguous, frames per second)."""
     if not data:
         raise BadSample("bad_video", "zero-byte video")
     ext = _ext(key)
@@ -67,15 +70,16 @@ def decode_video(data: bytes, key: str, fps_hint: float | None = None) -> tuple[
     if not frames:
         raise BadSample("bad_video", f"video {key!r} has no frames")
     fps = fps_hint or fps or 1.0
-    out = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
-    return out, float(fps)
+    # A [F, 3, H, W] view of the [F, H, W, 3] frames: frame sampling and patchify copy anyway.
+    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2), float(fps)
 
 
 def _pillow_frames(data: bytes) -> tuple[list[np.ndarray], float | None]:
     img = Image.open(io.BytesIO(data))
     frames, durations = [], []
     for frame in ImageSequence.Iterator(img):
-        frames.append(np.asarray(frame.convert("RGB")))
+        # GIF frames after the first come as RGB already: converting those would only copy them.
+        frames.append(np.asarray(frame if frame.mode == "RGB" else frame.convert("RGB")))
         durations.append(frame.info.get("duration") or 0)
     mean_ms = sum(durations) / len(durations) if durations else 0
     return frames, (1000.0 / mean_ms if mean_ms > 0 else None)

@@ -1,9 +1,10 @@
 """Raw webdataset samples -> tokenised documents with their processed images and videos.
 
-decode (data/decode.py) -> resize to the patch grid within the pixel budget, normalise, patchify
-(model/vision_processing.py) -> tokenize text and lay out the vision placeholders
-(model/vision_tokens.py). A document remembers where each visual item's tokens are, so that the
-packer never cuts through one.
+decode (data/decode.py) -> resize to the patch grid within the pixel budget, patchify
+(data/pixels.py: model/vision_processing.py's rules, pixels kept uint8 until the batch is
+collated) -> tokenize text and lay out the vision placeholders (model/vision_tokens.py) -> M-RoPE
+positions (data/positions.py). A document remembers where each visual item's tokens are, so that
+the packer never cuts through one.
 """
 
 from __future__ import annotations
@@ -11,10 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
+import numpy as np
+
 from data.config import DataConfig
 from data.decode import decode_image, decode_video
 from data.format import BadSample, parse_sample
-from model.vision_processing import VisualInput, process_image, process_video
+from data.pixels import image_patches, video_patches
+from data.positions import document_positions, piece_positions
+from model.vision_processing import VisualInput
 from model.vision_tokens import VisionTokenIds, image_token_ids, num_visual_tokens, video_token_ids
 
 
@@ -22,21 +27,24 @@ from model.vision_tokens import VisionTokenIds, image_token_ids, num_visual_toke
 class VisualItem:
     start: int  # first token of the item's layout (video: its first timestamp text) in the document
     end: int  # one past its last token (<|vision_end|>)
-    visual: VisualInput
+    visual: VisualInput  # pixel_values: uint8 patches (data/pixels.py), normalised at collate
     num_tokens: int  # merged visual tokens (pads)
 
 
 @dataclass
 class Document:
-    """Token ids (end-of-document included) and visual items in order; ``ref`` locates the raw
-    sample in its stream (for the packer's resumable carry), ``offset`` is where this piece starts
-    in the whole document (> 0 for the remainder of a split document)."""
+    """Token ids (end-of-document included) and visual items in order; ``positions`` [3, tokens]
+    int64 their M-RoPE positions (None: left to collate, which then runs model/mrope.py over the
+    batch); ``ref`` locates the raw sample in its stream (for the packer's resumable carry),
+    ``offset`` is where this piece starts in the whole document (> 0 for the remainder of a split
+    document)."""
 
     tokens: list[int]
     items: list[VisualItem] = field(default_factory=list)
     source: str = "default"
     ref: Optional[dict[str, Any]] = None
     offset: int = 0
+    positions: Optional[np.ndarray] = None
 
     @property
     def num_visual(self) -> int:
@@ -46,11 +54,13 @@ class Document:
         """The piece from token ``cut`` on; ``cut`` must not fall inside an item."""
         items = [replace(it, start=it.start - cut, end=it.end - cut) for it in self.items
                  if it.start >= cut]
-        return Document(self.tokens[cut:], items, self.source, self.ref, self.offset + cut)
+        pos = None if self.positions is None else piece_positions(self.positions, cut)
+        return Document(self.tokens[cut:], items, self.source, self.ref, self.offset + cut, pos)
 
     def head(self, cut: int) -> "Document":
+        pos = None if self.positions is None else self.positions[:, :cut]
         return Document(self.tokens[:cut], [it for it in self.items if it.end <= cut], self.source,
-                        self.ref, self.offset)
+                        self.ref, self.offset, pos)
 
 
 class DocumentBuilder:
@@ -68,6 +78,7 @@ class DocumentBuilder:
         c, merge = self.cfg, self.cfg.merge_size
         tokens: list[int] = []
         items: list[VisualItem] = []
+        blocks: list[tuple[int, tuple[int, int, int]]] = []  # (first pad, merged grid) for positions
         for seg in parse_sample(raw):
             if "text" in seg:
                 tokens += self.tokenizer.encode(seg["text"])
@@ -77,23 +88,32 @@ class DocumentBuilder:
                 if oversized:
                     self.count("oversized_image")
                 try:
-                    vis = process_image(pixels, c.patch_size, c.temporal_patch_size, merge,
+                    vis = image_patches(pixels, c.patch_size, c.temporal_patch_size, merge,
                                         c.image_min_pixels, c.image_max_pixels)
                 except ValueError as e:  # e.g. an aspect ratio over 200
                     raise BadSample("bad_image", f"image {seg['key']!r}: {e}") from None
                 layout = image_token_ids(vis.grid_thw, self.ids, merge)
+                t, h, w = vis.grid_thw
+                blocks.append((len(tokens) + 1, (t, h // merge, w // merge)))
             else:
                 frames, fps = decode_video(seg["video"], seg["key"], seg.get("fps"))
                 try:
-                    vis = process_video(frames, fps, c.video_fps, c.patch_size, c.temporal_patch_size,
+                    vis = video_patches(frames, fps, c.video_fps, c.patch_size, c.temporal_patch_size,
                                         merge, c.video_min_pixels, c.video_max_pixels,
                                         c.video_min_frames, c.video_max_frames)
                 except ValueError as e:
                     raise BadSample("bad_video", f"video {seg['key']!r}: {e}") from None
                 layout = video_token_ids(vis.grid_thw, vis.timestamps, self.tokenizer, self.ids, merge)
+                t, h, w = vis.grid_thw
+                k = 0
+                for _ in range(t):  # one block per temporal patch, after its timestamp text
+                    k = layout.index(self.ids.video_pad, k)
+                    blocks.append((len(tokens) + k, (1, h // merge, w // merge)))
+                    k += h * w // (merge * merge)
             items.append(VisualItem(len(tokens), len(tokens) + len(layout), vis,
                                     num_visual_tokens(vis.grid_thw, merge)))
             tokens += layout
         if not tokens:
             raise BadSample("empty_document", "the document has no tokens")
-        return Document(tokens + [self.eos_id], items, source)
+        tokens.append(self.eos_id)
+        return Document(tokens, items, source, positions=document_positions(len(tokens), blocks))

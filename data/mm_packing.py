@@ -16,10 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from data.documents import Document
-from data.packing import IGNORE_INDEX, PackedRow, collate
+from data.packing import IGNORE_INDEX
+from data.pixels import normalize_patches
 from model.mrope import mrope_position_ids
 from model.vision_processing import VisualInput
 from model.vision_tokens import VisionTokenIds
@@ -33,6 +35,9 @@ class MMRow:
     images: list[VisualInput] = field(default_factory=list)
     videos: list[VisualInput] = field(default_factory=list)
     source_tokens: dict[str, int] = field(default_factory=dict)  # non-pad tokens per source
+    # M-RoPE positions [3, n] of each document piece (the padding tail's are implied); None when
+    # a piece came without them (collate then computes the batch's with model/mrope.py).
+    positions: Optional[list[np.ndarray]] = field(default_factory=list)
 
 
 def best_cut(doc: Document, room: int, visual_room: int) -> int:
@@ -94,6 +99,10 @@ class MultimodalPacker:
                 take, self.carry = doc.head(cut), doc.tail(cut)
             row.tokens += take.tokens
             row.seg_lens.append(len(take.tokens))
+            if take.positions is None or row.positions is None:
+                row.positions = None
+            else:
+                row.positions.append(take.positions)
             for it in take.items:
                 (row.images if it.visual.kind == "image" else row.videos).append(it.visual)
             row.source_tokens[take.source] = row.source_tokens.get(take.source, 0) + len(take.tokens)
@@ -114,25 +123,45 @@ def collate_rows(rows: list[MMRow], ids: VisionTokenIds, merge_size: int = 2) ->
     ``input_ids`` [B, T]; ``labels`` [B, T] (shifted; -100 at segment ends, padding, visual pads
     and targets that are visual pads); ``position_ids`` [3, B, T] (M-RoPE t, h, w, restarting per
     segment); ``cu_seqlens`` [N+1]; ``num_tokens`` (labels != -100); ``pixel_values`` [Pi, C*Tp*P*P]
-    and ``image_grid_thw`` [Ni, 3], ``pixel_values_videos`` / ``video_grid_thw`` (images and
+    float32 and ``image_grid_thw`` [Ni, 3], ``pixel_values_videos`` / ``video_grid_thw`` (images and
     videos in order of appearance over the flattened batch; absent when there are none);
     ``source_tokens`` {source: non-pad tokens}.
+
+    The text part is data/packing.py's `collate` (same labels and cu_seqlens), in numpy: this
+    runs once per batch on the loader's critical path.
     """
-    batch = collate([PackedRow(r.tokens, r.seg_lens, r.num_pad) for r in rows])
-    input_ids, labels = batch["input_ids"], batch["labels"]
-    pads = (input_ids == ids.image_pad) | (input_ids == ids.video_pad)
-    pads |= (labels == ids.image_pad) | (labels == ids.video_pad)
-    labels[pads] = IGNORE_INDEX
-    batch["num_tokens"] = int((labels != IGNORE_INDEX).sum())
+    B, T = len(rows), len(rows[0].tokens)
+    input_ids = np.array([r.tokens for r in rows], dtype=np.int64)  # [B, T]
+    seg_lens = np.array([n for r in rows for n in r.seg_lens], dtype=np.int64)  # [N]
+    cu_seqlens = np.zeros(len(seg_lens) + 1, dtype=np.int64)
+    np.cumsum(seg_lens, out=cu_seqlens[1:])
+    flat = input_ids.reshape(-1)
+    labels = np.roll(flat, -1)  # the next token, wrong at segment ends
+    labels[cu_seqlens[1:] - 1] = IGNORE_INDEX
+    for b, r in enumerate(rows):
+        if r.num_pad:
+            labels[(b + 1) * T - r.num_pad:(b + 1) * T] = IGNORE_INDEX
+    pads = (ids.image_pad, ids.video_pad)
+    labels[np.isin(flat, pads) | np.isin(labels, pads)] = IGNORE_INDEX
+    batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels.reshape(B, T)),
+             "cu_seqlens": torch.from_numpy(cu_seqlens),
+             "num_tokens": int((labels != IGNORE_INDEX).sum())}
     for key, grid_key, kind in (("pixel_values", "image_grid_thw", "images"),
                                 ("pixel_values_videos", "video_grid_thw", "videos")):
         items = [v for r in rows for v in getattr(r, kind)]
         if items:
-            batch[key] = torch.cat([v.pixel_values for v in items])
+            pixels = torch.cat([v.pixel_values for v in items])
+            batch[key] = normalize_patches(pixels) if pixels.dtype == torch.uint8 else pixels
             batch[grid_key] = torch.tensor([v.grid_thw for v in items], dtype=torch.long)
-    batch["position_ids"] = mrope_position_ids(
-        input_ids, batch.get("image_grid_thw"), batch.get("video_grid_thw"), batch["cu_seqlens"],
-        image_token_id=ids.image_pad, video_token_id=ids.video_pad, spatial_merge_size=merge_size)
+    if all(r.positions is not None for r in rows):
+        batch["position_ids"] = torch.from_numpy(np.stack(
+            [np.concatenate(r.positions + [np.broadcast_to(np.arange(r.num_pad), (3, r.num_pad))],
+                            axis=1) for r in rows], axis=1))
+    else:
+        batch["position_ids"] = mrope_position_ids(
+            batch["input_ids"], batch.get("image_grid_thw"), batch.get("video_grid_thw"),
+            batch["cu_seqlens"], image_token_id=ids.image_pad, video_token_id=ids.video_pad,
+            spatial_merge_size=merge_size)
     sources: dict[str, int] = {}
     for r in rows:
         for name, n in r.source_tokens.items():

@@ -33,6 +33,10 @@ KINDS = ("circle", "square", "triangle")
 POSITIONS = (("top left", "top", "top right"), ("left", "centre", "right"),
              ("bottom left", "bottom", "bottom right"))
 IMAGE_SIZE = 96
+# Side of a shape in pixels. Shapes that nearly fill their cell make the cell's patches mostly
+# one colour, which even the untrained tower maps to well-separated features; with 18-28 pixel
+# shapes in 32 pixel cells the smoke model did not learn to look within its 200 steps.
+SHAPE_SIZE = (28, 32)
 VIDEO_SIZE, VIDEO_FRAMES, VIDEO_FPS, VIDEO_SQUARE = 64, 8, 4.0, 16
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 SPEEDS = {"slowly": 2, "quickly": 5}  # pixels per frame
@@ -51,7 +55,7 @@ def shape_image(rng: random.Random) -> tuple[bytes, str]:
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), _background(rng))
     draw = ImageDraw.Draw(img)
     cell = IMAGE_SIZE // 3
-    size = rng.randint(18, 28)
+    size = rng.randint(*SHAPE_SIZE)
     x0 = col * cell + rng.randint(0, cell - size)
     y0 = row * cell + rng.randint(0, cell - size)
     box = (x0, y0, x0 + size - 1, y0 + size - 1)

@@ -1,9 +1,17 @@
 """Interim text loader: synthetic documents -> tokenize -> pack -> batches of CPU tensors.
 
-Data-parallel rank r of W reads global documents ``start_doc + r + k*W`` for k = 0, 1, 2, ...; its
-whole state is the integer k (``cursor``) plus the packer's carried tokens, so resuming is exact.
-It runs in the training process (no workers): a batch of 8 x 256 tokens is ~15 docs to generate and
-tokenize, well under a millisecond of work per document.
+Data-parallel rank r of W reads global documents ``base + r + k*W`` for k = 0, 1, 2, ... (``base``
+is ``data.start_doc`` until the data-parallel size changes); its state is the integer k (``cursor``)
+plus the packer's carried tokens, so resuming is exact. It runs in the training process (no
+workers): a batch of 8 x 256 tokens is ~15 docs to generate and tokenize, well under a millisecond
+of work per document.
+
+A change of data-parallel size on resume (``load_state_dict`` given every old rank's state) loses
+and repeats nothing: the documents below the old ranks' frontier that some rank had not reached yet,
+and the tails of documents split at a row end, are dealt round-robin to the new ranks, which read
+them first and then continue the interleaved stream from the frontier (the new ``base``). The rows
+are packed differently from what the old layout would have packed, so the losses after the change
+are those of another order of the same documents.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ from data.packing import Packer, PackedRow, collate
 from data.synthetic_text import SyntheticText
 from data.tokenizer import Tokenizer, load_tokenizer
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: before base / pending / tails (read as empty)
 
 
 class TextLoader:
@@ -34,14 +42,23 @@ class TextLoader:
         self.dp_world = dp_world
         self.source = SyntheticText(cfg.seed)  # the only source for now (cfg.name validated)
         self.packer = Packer(cfg.seq_len, tokenizer.eos_id, tokenizer.pad_id)
-        self.cursor = 0  # documents this rank has taken from the stream
+        self.base = cfg.start_doc  # where this data-parallel layout's interleaved stream starts
+        self.cursor = 0  # documents this rank has taken from the interleaved stream
+        # Left by an earlier layout, read before the interleaved stream: tails of split documents
+        # (eos stripped: the packer appends it again) and whole documents not reached yet.
+        self.tails: list[list[int]] = []
+        self.pending: list[int] = []
         self.batches = 0  # batches yielded (for logging; not needed for resume)
         self.exhausted = False  # a finite stream has ended and its last batch was yielded
 
     def _doc_index(self, k: int) -> int:
-        return self.cfg.start_doc + self.dp_rank + k * self.dp_world
+        return self.base + self.dp_rank + k * self.dp_world
 
     def _next_doc(self) -> list[int] | None:
+        if self.tails:
+            return self.tails.pop(0)
+        if self.pending:
+            return self.tokenizer.encode(self.source[self.pending.pop(0)])
         i = self._doc_index(self.cursor)
         if self.cfg.num_docs is not None and i >= self.cfg.start_doc + self.cfg.num_docs:
             return None
@@ -72,33 +89,80 @@ class TextLoader:
         return collate(rows)
 
     def state_dict(self) -> dict:
-        """Plain ints and a list of ints (the packer carry), for a DCP checkpoint."""
+        """Plain ints and lists of ints, for a DCP checkpoint."""
         return {
             "version": STATE_VERSION,
             "seed": self.cfg.seed,
             "dp_rank": self.dp_rank,
             "dp_world": self.dp_world,
+            "base": self.base,
             "cursor": self.cursor,
             "batches": self.batches,
             "exhausted": int(self.exhausted),
             "carry": list(self.packer.carry),
+            "pending": list(self.pending),
+            "tail_lens": [len(t) for t in self.tails],
+            "tail_tokens": [t for tail in self.tails for t in tail],
         }
 
-    def load_state_dict(self, sd: dict) -> None:
+    def load_state_dict(self, sd: dict | list[dict]) -> None:
+        """This loader's own state, or a list with the state of every data-parallel rank of the
+        run being resumed (in dp-rank order): remapped to this rank when their number differs."""
+        if isinstance(sd, list):
+            sd = sd[self.dp_rank] if len(sd) == self.dp_world else self._remapped(sd)
         # A different seed or rank layout would be a different stream: refuse rather than silently
         # replaying or skipping documents.
         for key, want in (("seed", self.cfg.seed), ("dp_rank", self.dp_rank), ("dp_world", self.dp_world)):
             if int(sd[key]) != want:
                 raise ValueError(
                     f"data loader state has {key}={int(sd[key])} but this loader has {key}={want}; "
-                    f"exact resume needs the same data.seed and data-parallel layout"
+                    f"exact resume needs the same data.seed and data-parallel layout (or the "
+                    f"states of all data-parallel ranks, to remap)"
                 )
-        if int(sd["version"]) != STATE_VERSION:
+        if int(sd["version"]) not in (1, STATE_VERSION):
             raise ValueError(f"data loader state version={int(sd['version'])} must be {STATE_VERSION}")
+        self.base = int(sd.get("base", self.cfg.start_doc))
         self.cursor = int(sd["cursor"])
         self.batches = int(sd["batches"])
         self.exhausted = bool(int(sd["exhausted"]))
         self.packer.load_state_dict({"carry": sd["carry"]})
+        self.pending = [int(i) for i in sd.get("pending", [])]
+        flat, self.tails = [int(t) for t in sd.get("tail_tokens", [])], []
+        for n in sd.get("tail_lens", []):
+            self.tails.append(flat[:n])
+            flat = flat[n:]
+
+    def _remapped(self, states: list[dict]) -> dict:
+        """This rank's state in a layout of ``dp_world`` ranks, from all ranks' states of another."""
+        old = len(states)
+        for r, sd in enumerate(states):
+            if (int(sd["dp_rank"]), int(sd["dp_world"]), int(sd["seed"])) != (r, old, self.cfg.seed):
+                raise ValueError(
+                    f"data loader state {r} of {old} has dp_rank={sd['dp_rank']}, "
+                    f"dp_world={sd['dp_world']}, seed={sd['seed']}: expected {r}, {old}, "
+                    f"{self.cfg.seed} (the states of one run, in data-parallel rank order)")
+        base = int(states[0].get("base", self.cfg.start_doc))
+        end = None if self.cfg.num_docs is None else self.cfg.start_doc + self.cfg.num_docs
+        # The first document no old rank had taken: everything from it on is untouched.
+        taken = [base + r + (int(sd["cursor"]) - 1) * old
+                 for r, sd in enumerate(states) if int(sd["cursor"]) > 0]
+        frontier = max(taken) + 1 if taken else base
+        pending, tails = [], []
+        for r, sd in enumerate(states):
+            pending += [int(i) for i in sd.get("pending", [])]
+            pending += list(range(base + r + int(sd["cursor"]) * old, frontier, old))
+            me = TextLoader(self.cfg, self.tokenizer, r, old)
+            me.load_state_dict(sd)
+            tails += me.tails
+            if me.packer.carry:
+                tails.append(me.packer.carry[:-1])  # the carry ends with its document's eos
+        pending = sorted(i for i in pending if end is None or i < end)
+        mine = tails[self.dp_rank::self.dp_world]
+        return {"version": STATE_VERSION, "seed": self.cfg.seed, "dp_rank": self.dp_rank,
+                "dp_world": self.dp_world, "base": frontier, "cursor": 0,
+                "batches": int(states[0]["batches"]), "exhausted": 0, "carry": [],
+                "pending": pending[self.dp_rank::self.dp_world],
+                "tail_lens": [len(t) for t in mine], "tail_tokens": [t for x in mine for t in x]}
 
 
 def build_loader(cfg: DataConfig, dp_rank: int = 0, dp_world: int = 1) -> TextLoader:

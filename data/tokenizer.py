@@ -33,6 +33,10 @@ SMOKE_VOCAB_SIZE = 1024
 SMOKE_TRAIN_DOCS = 4000
 # Each seed's world draws a subset of the names/cities; several seeds cover all of them.
 SMOKE_TRAIN_SEEDS = tuple(range(8))
+# Encodings of short strings are kept: video timestamps ("<1.5 seconds>"), and in templated data
+# captions and connectives, repeat all the time, and a tokenizer call costs ~10 us however short.
+SHORT_TEXT_CHARS = 64
+SHORT_TEXT_CACHE = 8192
 
 
 class Tokenizer:
@@ -57,9 +61,19 @@ class Tokenizer:
         self.pad_id: int = vocab.get(PAD, self.eos_id)
         # Size of the id space (max id + 1): added tokens can sit above the base vocab.
         self.vocab_size: int = max(vocab.values()) + 1
+        self._short: dict[str, tuple[int, ...]] = {}
+
+    def _remember(self, text: str, ids: list[int]) -> None:
+        if len(text) <= SHORT_TEXT_CHARS and len(self._short) < SHORT_TEXT_CACHE:
+            self._short[text] = tuple(ids)
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+        ids = self._short.get(text)
+        if ids is not None:
+            return list(ids)
+        out = self.tok.encode(text, add_special_tokens=False).ids
+        self._remember(text, out)
+        return out
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]

@@ -14,7 +14,14 @@ offset of the cut (restoring decodes that one sample again). Workers attach thei
 batch; the loader keeps the state of the last batch consumed from each worker, and which worker
 comes next. A resumed loader rotates the workers' roles so that the DataLoader's round robin
 continues where it stopped. Exact resume needs the same data.seed, shards, data-parallel size and
-data.num_workers; a different layout is refused with a message.
+data.num_workers.
+
+Another data-parallel size on resume (``load_state_dict`` given the states of every old rank):
+nothing is lost or repeated. Each old slot's unfinished stream is read to the end of the newest
+epoch any old slot had reached by one of the new slots (data/shards.py, legacy units), and the
+pieces of documents the old packers had carried are finished first; then the new slots split the
+next epoch. The batches differ from what the old layout would have yielded (other slots, other
+packing). A changed data.num_workers at the same data-parallel size is refused with a message.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from data.config import DataConfig, source_specs, validate_data_config
 from data.documents import Document, DocumentBuilder
 from data.format import BadSample
 from data.mm_packing import MMRow, MultimodalPacker, collate_rows
-from data.shards import ShardStream, expand_shards
+from data.shards import ShardStream, expand_shards, legacy_units
 from data.tokenizer import load_tokenizer
 from model.vision_tokens import VisionTokenIds
 
@@ -53,10 +60,11 @@ class SlotPipeline:
         self.skipped: Counter = Counter()
         self._quiet = False
         self.builder = DocumentBuilder(cfg, tokenizer, count=lambda kind: self._skip(kind, ""))
-        self.streams = {
-            name: ShardStream(urls, slot, num_slots, f"{cfg.seed}:{name}", cfg.shuffle_buffer,
-                              cfg.shuffle_shards, cfg.epochs, on_bad=self._skip)
-            for name, (urls, _) in sources.items()}
+        self.sources = sources
+        self.streams = {name: self._stream(name, slot, num_slots) for name in sources}
+        # Pieces of documents another layout's packers had carried ({source, ref, offset}, the ref
+        # naming its slot): packed before anything else.
+        self.pieces: list[dict[str, Any]] = []
         self.weights = {name: w for name, (_, w) in sources.items()}
         self.done: set[str] = set()
         self.draws = 0
@@ -64,6 +72,11 @@ class SlotPipeline:
         self.packer = MultimodalPacker(cfg.seq_len, cap, tokenizer.pad_id, on_skip=self._skip)
         self.batches = 0
         self.exhausted = False
+
+    def _stream(self, name: str, slot: int, num_slots: int) -> ShardStream:
+        return ShardStream(self.sources[name][0], slot, num_slots, f"{self.cfg.seed}:{name}",
+                           self.cfg.shuffle_buffer, self.cfg.shuffle_shards, self.cfg.epochs,
+                           on_bad=self._skip)
 
     def _skip(self, kind: str, message: str) -> None:
         if self._quiet:
@@ -90,6 +103,9 @@ class SlotPipeline:
         return live[-1]
 
     def next_doc(self) -> Optional[Document]:
+        if self.pieces:
+            p = self.pieces.pop(0)
+            return self._doc_at(p["source"], p["ref"], p["offset"])
         while True:
             name = self._draw()
             if name is None:
@@ -109,8 +125,10 @@ class SlotPipeline:
             return doc
 
     def _doc_at(self, name: str, ref: dict, offset: int) -> Document:
-        """The piece from ``offset`` of the document whose raw sample is at ``ref`` (resume)."""
-        stream = self.streams[name]
+        """The piece from ``offset`` of the document whose raw sample is at ``ref`` (resume); a
+        ``ref`` with a ``slot`` is a position in another slot's stream (a layout change)."""
+        stream = self.streams[name] if "slot" not in ref else self._stream(name, ref["slot"],
+                                                                           ref["num_slots"])
         here = stream.state_dict()
         stream.load_state_dict(ref)
         raw = stream.next()
@@ -162,6 +180,7 @@ class SlotPipeline:
             "skipped": dict(self.skipped),
             "batches": self.batches,
             "exhausted": int(self.exhausted),
+            **({"pieces": [dict(p) for p in self.pieces]} if self.pieces else {}),
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -175,6 +194,7 @@ class SlotPipeline:
         self.draws, self.done = int(sd["draws"]), set(sd["done"])
         self.skipped = Counter(sd["skipped"])
         self.batches, self.exhausted = int(sd["batches"]), bool(sd["exhausted"])
+        self.pieces = [dict(p) for p in sd.get("pieces", [])]
 
 
 class _SlotDataset(torch.utils.data.IterableDataset):
@@ -265,22 +285,80 @@ class WebDatasetLoader:
                 "batches": self.batches, "next_worker": self.next_worker,
                 "states": list(self.states)}
 
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
+    def load_state_dict(self, sd: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """This loader's own state, or a list with the state of every data-parallel rank of the
+        run being resumed (in dp-rank order): remapped when their number differs from this run's."""
+        if isinstance(sd, list):
+            for s in sd:
+                self._check(s, ("seed", "shards"))
+            same = len(sd) == self.dp_world and sd[0]["workers"] == self.workers
+            sd = sd[self.dp_rank] if same else self._remapped(sd)
+        self._check(sd, ("seed", "dp_rank", "dp_world", "workers", "shards"))
+        self.close()
+        self.states = list(sd["states"])
+        self.next_worker = int(sd["next_worker"])
+        self.batches = int(sd["batches"])
+
+    def _check(self, sd: dict[str, Any], keys: tuple[str, ...]) -> None:
         if sd.get("kind") != "webdataset" or int(sd["version"]) != STATE_VERSION:
             raise ValueError(f"data loader state of kind {sd.get('kind')!r} version "
                              f"{sd.get('version')} is not a webdataset loader state v{STATE_VERSION}")
         here = {"seed": self.cfg.seed, "dp_rank": self.dp_rank, "dp_world": self.dp_world,
                 "workers": self.workers,
                 "shards": {n: len(u) for n, (u, _) in self.sources.items()}}
-        for key, want in here.items():
-            if sd[key] != want:
+        for key in keys:
+            if sd[key] != here[key]:
+                hint = ""
+                if key == "workers":
+                    was = "0 or 1" if sd[key] == 1 else sd[key]  # 0 and 1 both read one stream
+                    hint = (f"; resume with data.num_workers={was}, or change it together "
+                            f"with the data-parallel size (a checkpoint then hands over every "
+                            f"rank's state, which remapping needs)")
                 raise ValueError(
-                    f"data loader state has {key}={sd[key]} but this loader has {key}={want}; exact "
-                    f"resume needs the same data.seed, shards, data-parallel size and data.num_workers")
-        self.close()
-        self.states = list(sd["states"])
-        self.next_worker = int(sd["next_worker"])
-        self.batches = int(sd["batches"])
+                    f"data loader state has {key}={sd[key]} but this loader has {key}={here[key]}; "
+                    f"exact resume needs the same data.seed, shards, data-parallel size and "
+                    f"data.num_workers{hint}")
+
+    def _remapped(self, old: list[dict[str, Any]]) -> dict[str, Any]:
+        """This rank's state in this layout from every rank's state of another: the old slots'
+        streams as legacy units and their carried pieces, dealt round-robin to the new slots."""
+        for r, s in enumerate(old):
+            if (s["dp_rank"], s["dp_world"], s["workers"]) != (r, len(old), old[0]["workers"]):
+                raise ValueError(f"data loader state {r} of {len(old)} has dp_rank={s['dp_rank']}, "
+                                 f"dp_world={s['dp_world']}, workers={s['workers']}: not the "
+                                 f"states of one run in data-parallel rank order")
+        slots = [w for s in old for w in s["states"]]  # old slot = rank * workers + worker
+        n_new = self.dp_world * self.workers
+        own, units = {}, {}
+        for name in self.sources:
+            own[name], units[name] = legacy_units(
+                [None if w is None else w["streams"][name] for w in slots], self.cfg.epochs)
+        pieces, skipped = [], [Counter() for _ in range(n_new)]
+        for slot, w in enumerate(slots):
+            if w is None:
+                continue
+            for p in w.get("pieces", []) + ([w["carry"]] if w["carry"] is not None else []):
+                ref = p["ref"] if "slot" in p["ref"] else {**p["ref"], "slot": slot,
+                                                           "num_slots": len(slots)}
+                pieces.append({**p, "ref": ref})
+            skipped[slot % n_new].update(w["skipped"])  # per kind, the sum over slots is kept
+        batches = max((w["batches"] for w in slots if w is not None), default=0)
+        states = []
+        for worker in range(self.workers):
+            new = self.dp_rank * self.workers + worker
+            streams = {name: {"epoch": own[name], "plan_pos": 0, "sample_pos": 0, "block_no": 0,
+                              "emitted": 0, "legacy": units[name][new::n_new]}
+                       for name in self.sources}
+            states.append({"streams": streams, "draws": 0, "done": [], "carry": None,
+                           "pieces": pieces[new::n_new], "skipped": dict(skipped[new]),
+                           "batches": batches, "exhausted": 0})
+        log.info("%d readers (%d ranks x %d workers) -> %d: the old readers' streams finish "
+                 "their epoch on the new ones (%s), then the new layout splits the next",
+                 len(slots), len(old), old[0]["workers"], n_new,
+                 ", ".join(f"source {n!r}: epoch {e - 1}" for n, e in own.items()))
+        return {**old[0], "dp_rank": self.dp_rank, "dp_world": self.dp_world,
+                "workers": self.workers, "next_worker": 0,
+                "batches": sum(s["batches"] for s in old) // len(old), "states": states}
 
     def close(self) -> None:
         self._it = None  # a DataLoader iterator shuts its workers down when collected

@@ -27,6 +27,11 @@
 set -euo pipefail
 
 REPO=${REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+# Elastic restarts: torchrun shares its rendezvous store with the workers without a per-attempt
+# prefix, so a restarted rank can connect to the dead attempt's ports (pytorch/pytorch#135712).
+# The trainer prefixes by the restart count, which only one node's workers agree on; opting out
+# gives every attempt a fresh store on any number of nodes. (cpu.sh and slurm.sbatch source this.)
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
 # One argument as it has to be typed in a shell; in key=value only the value is quoted.
 shquote() {

@@ -104,27 +104,12 @@ class Qwen35LM(nn.Module):
                       cu_seqlens: Optional[torch.Tensor],
                       image_grid_thw: Optional[torch.Tensor] = None,
                       video_grid_thw: Optional[torch.Tensor] = None) -> SequenceContext:
-        b, t = input_ids.shape
-        if cu_seqlens is None:
-            cu_seqlens = default_cu_seqlens(b, t, input_ids.device)
-        doc_ids, pos_in_doc = segment_layout(cu_seqlens, b, t)
-        if position_ids is None and self.visual is not None:
-            v = self.cfg.vision
-            position_ids = mrope_position_ids(
-                input_ids, image_grid_thw, video_grid_thw, cu_seqlens, image_token_id=v.image_token_id,
-                video_token_id=v.video_token_id, spatial_merge_size=v.spatial_merge_size)
-        elif position_ids is None:
-            position_ids = pos_in_doc
-        cos, sin = self.rotary(position_ids)
-        return SequenceContext(cu_seqlens=cu_seqlens, doc_ids=doc_ids, pos_in_doc=pos_in_doc,
-                               cos=cos, sin=sin)
+        return build_sequence_context(self.cfg, self.rotary, input_ids, position_ids, cu_seqlens,
+                                      image_grid_thw, video_grid_thw)
 
     def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, T] bool: image or video pad tokens (all False for a text-only model)."""
-        if self.visual is None:
-            return torch.zeros_like(input_ids, dtype=torch.bool)
-        v = self.cfg.vision
-        return (input_ids == v.image_token_id) | (input_ids == v.video_token_id)
+        return visual_token_mask(self.cfg, input_ids)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
               image_grid_thw: Optional[torch.Tensor] = None,
@@ -175,70 +160,135 @@ class Qwen35LM(nn.Module):
             h = layer(h, ctx)
         if labels is None:
             return LMOutput(logits=self.lm_head(self.norm(h)))
+        labels = loss_labels(self.cfg, input_ids, labels)
+        mtp_emb = mtp_embeddings(self.embed_tokens, self.cfg, input_ids, labels, emb, len(self.mtp))
+        return head_loss(self, h, input_ids, labels, ctx, mtp_emb, self.num_moe_layers)
 
-        logits = self.lm_head(self.norm(h))
-        if self.visual is None:
-            ce = mean_over_labels(self.token_ce(logits, labels), labels)
-            out = LMOutput(ce=ce, num_tokens=int((labels != -100).sum()))
-        else:
-            v = self.cfg.vision
-            labels = mask_visual_labels(labels, self.visual_token_mask(input_ids),
-                                        (v.image_token_id, v.video_token_id))
-            out = self._multimodal_ce(logits, labels, input_ids, ctx)
-            ce = out.ce
-        loss = ce
-        if self.mtp:
-            out.mtp_ce = self._mtp_loss(h, input_ids, labels, ctx, emb)
-            loss = loss + self.cfg.mtp_loss_coef * out.mtp_ce
-        if self.num_moe_layers:
-            n = self.num_moe_layers
-            out.moe_aux = ctx.aux_losses["moe_aux"] / n
-            out.moe_z = ctx.aux_losses["moe_z"] / n
-            loss = loss + self.cfg.router_aux_loss_coef * out.moe_aux
-            if self.cfg.router_z_loss_coef > 0:
-                loss = loss + self.cfg.router_z_loss_coef * out.moe_z
-        out.loss = loss
-        return out
 
-    def _multimodal_ce(self, logits: torch.Tensor, labels: torch.Tensor, input_ids: torch.Tensor,
-                       ctx: SequenceContext) -> LMOutput:
-        """Mean CE (differentiable) plus its detached split into after-vision and text positions."""
-        tok = self.token_ce(logits, labels)
-        valid = labels != -100
-        n = int(valid.sum())
-        out = LMOutput(ce=tok.sum() / max(n, 1), num_tokens=n)
-        with torch.no_grad():
-            after = after_vision_mask(self.visual_token_mask(input_ids), ctx.cu_seqlens) & valid
-            text = valid & ~after
-            out.num_tokens_after_vision, out.num_tokens_text = int(after.sum()), int(text.sum())
-            out.ce_after_vision = tok[after].sum() / max(out.num_tokens_after_vision, 1)
-            out.ce_text = tok[text].sum() / max(out.num_tokens_text, 1)
-        return out
+def build_sequence_context(cfg: ModelConfig, rotary: RotaryEmbedding, input_ids: torch.Tensor,
+                           position_ids: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                           image_grid_thw: Optional[torch.Tensor] = None,
+                           video_grid_thw: Optional[torch.Tensor] = None) -> SequenceContext:
+    """The per-forward SequenceContext of input_ids [B, T] (a pipeline stage builds its own)."""
+    b, t = input_ids.shape
+    if cu_seqlens is None:
+        cu_seqlens = default_cu_seqlens(b, t, input_ids.device)
+    doc_ids, pos_in_doc = segment_layout(cu_seqlens, b, t)
+    if position_ids is None and cfg.vision is not None:
+        v = cfg.vision
+        position_ids = mrope_position_ids(
+            input_ids, image_grid_thw, video_grid_thw, cu_seqlens, image_token_id=v.image_token_id,
+            video_token_id=v.video_token_id, spatial_merge_size=v.spatial_merge_size)
+    elif position_ids is None:
+        position_ids = pos_in_doc
+    cos, sin = rotary(position_ids)
+    return SequenceContext(cu_seqlens=cu_seqlens, doc_ids=doc_ids, pos_in_doc=pos_in_doc,
+                           cos=cos, sin=sin)
 
-    def _mtp_loss(self, h: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
-                  ctx: SequenceContext, emb: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Mean over depths k = 1..D of the CE of predicting token i+k+1 at position i.
 
-        Position i is valid for depth k while i+k lies in the same document, i.e. none of
-        labels[i .. i+k-1] is -100; the embedding input is token i+k (for a visual pad, its
-        visual token from `emb`). Masked visual labels also end the chain: conservative, since
-        those targets are pads anyway.
-        """
-        valid = torch.ones_like(labels, dtype=torch.bool)
-        visual = self.visual_token_mask(input_ids)
-        total = 0.0
-        for k, block in enumerate(self.mtp, start=1):
-            valid = valid & (shift_left(labels, k - 1, -100) != -100)
-            ids_k = torch.where(valid, shift_left(input_ids, k, 0), torch.zeros_like(input_ids))
-            target = torch.where(valid, shift_left(labels, k, -100), torch.full_like(labels, -100))
-            emb_k = self.embed_tokens(ids_k)
-            if self.visual is not None and emb is not None:
-                use_visual = (valid & shift_left(visual, k, False)).unsqueeze(-1)
-                emb_k = torch.where(use_visual, shift_left(emb, k, 0.0), emb_k)
-            h, normed = block(h, emb_k, ctx)
-            logits = self.lm_head(normed)
-            total = total + mean_over_labels(self.token_ce(logits, target), target)
-        return total / len(self.mtp)
+def visual_token_mask(cfg: ModelConfig, input_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: image or video pad tokens (all False for a text-only model)."""
+    if cfg.vision is None:
+        return torch.zeros_like(input_ids, dtype=torch.bool)
+    v = cfg.vision
+    return (input_ids == v.image_token_id) | (input_ids == v.video_token_id)
+
+
+def loss_labels(cfg: ModelConfig, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """labels [B, T] as the loss sees them: with vision, no loss at or onto visual pads."""
+    if cfg.vision is None:
+        return labels
+    v = cfg.vision
+    return mask_visual_labels(labels, visual_token_mask(cfg, input_ids),
+                              (v.image_token_id, v.video_token_id))
+
+
+def mtp_embeddings(embed_tokens: nn.Module, cfg: ModelConfig, input_ids: torch.Tensor,
+                   labels: torch.Tensor, emb: torch.Tensor, depth: int) -> list[torch.Tensor]:
+    """The embedding input [B, T, D] of each multi-token-prediction depth k = 1..depth: token i+k
+    at position i (for a visual pad, its visual token from `emb` [B, T, D]), token 0 where i+k
+    leaves the document. labels: [B, T] as `loss_labels` returns them. Computed where the
+    embedding lives (under pipeline parallelism: the first stage, which sends them on)."""
+    out = []
+    valid = torch.ones_like(labels, dtype=torch.bool)
+    visual = visual_token_mask(cfg, input_ids)
+    for k in range(1, depth + 1):
+        valid = valid & (shift_left(labels, k - 1, -100) != -100)
+        ids_k = torch.where(valid, shift_left(input_ids, k, 0), torch.zeros_like(input_ids))
+        emb_k = embed_tokens(ids_k)
+        if cfg.vision is not None:
+            use_visual = (valid & shift_left(visual, k, False)).unsqueeze(-1)
+            emb_k = torch.where(use_visual, shift_left(emb, k, 0.0), emb_k)
+        out.append(emb_k)
+    return out
+
+
+def head_loss(m: nn.Module, h: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
+              ctx: SequenceContext, mtp_emb: list[torch.Tensor], num_moe_layers: int) -> LMOutput:
+    """Final norm, LM head, CE (+ MTP) and the MoE losses: the model's loss from the last hidden
+    state h [B, T, D].
+
+    m holds `cfg`, `norm`, `lm_head`, `token_ce` and `mtp` (the model, or its last pipeline
+    stage). labels: as `loss_labels` returns them; mtp_emb: from `mtp_embeddings`. The MoE losses
+    are ctx's sums (a pipeline stage seeds them with the earlier stages' sums), averaged over all
+    `num_moe_layers` of the model.
+    """
+    cfg = m.cfg
+    logits = m.lm_head(m.norm(h))
+    if cfg.vision is None:
+        ce = mean_over_labels(m.token_ce(logits, labels), labels)
+        out = LMOutput(ce=ce, num_tokens=int((labels != -100).sum()))
+    else:
+        out = multimodal_ce(m.token_ce, logits, labels, visual_token_mask(cfg, input_ids), ctx)
+    loss = out.ce
+    if len(m.mtp):
+        out.mtp_ce = mtp_loss(m, h, labels, ctx, mtp_emb)
+        loss = loss + cfg.mtp_loss_coef * out.mtp_ce
+    if num_moe_layers:
+        out.moe_aux = ctx.aux_losses["moe_aux"] / num_moe_layers
+        out.moe_z = ctx.aux_losses["moe_z"] / num_moe_layers
+        loss = loss + cfg.router_aux_loss_coef * out.moe_aux
+        if cfg.router_z_loss_coef > 0:
+            loss = loss + cfg.router_z_loss_coef * out.moe_z
+    out.loss = loss
+    return out
+
+
+def multimodal_ce(token_ce: nn.Module, logits: torch.Tensor, labels: torch.Tensor,
+                  visual: torch.Tensor, ctx: SequenceContext) -> LMOutput:
+    """Mean CE (differentiable) plus its detached split into after-vision and text positions.
+    logits [B, T, V], labels and visual (pad mask) [B, T]."""
+    tok = token_ce(logits, labels)
+    valid = labels != -100
+    n = int(valid.sum())
+    out = LMOutput(ce=tok.sum() / max(n, 1), num_tokens=n)
+    with torch.no_grad():
+        after = after_vision_mask(visual, ctx.cu_seqlens) & valid
+        text = valid & ~after
+        out.num_tokens_after_vision, out.num_tokens_text = int(after.sum()), int(text.sum())
+        out.ce_after_vision = tok[after].sum() / max(out.num_tokens_after_vision, 1)
+        out.ce_text = tok[text].sum() / max(out.num_tokens_text, 1)
+    return out
+
+
+def mtp_loss(m: nn.Module, h: torch.Tensor, labels: torch.Tensor, ctx: SequenceContext,
+             mtp_emb: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over depths k = 1..D of the CE of predicting token i+k+1 at position i.
+
+    Position i is valid for depth k while i+k lies in the same document, i.e. none of
+    labels[i .. i+k-1] is -100; its input is mtp_emb[k-1] (see `mtp_embeddings`). Masked visual
+    labels also end the chain: conservative, since those targets are pads anyway.
+    m holds `mtp`, `lm_head` and `token_ce`.
+    """
+    valid = torch.ones_like(labels, dtype=torch.bool)
+    total = 0.0
+    for k, (block, emb_k) in enumerate(zip(m.mtp, mtp_emb), start=1):
+        valid = valid & (shift_left(labels, k - 1, -100) != -100)
+        target = torch.where(valid, shift_left(labels, k, -100), torch.full_like(labels, -100))
+        h, normed = block(h, emb_k, ctx)
+        logits = m.lm_head(normed)
+        total = total + mean_over_labels(m.token_ce(logits, target), target)
+    return total / len(m.mtp)
 
 
 def mask_visual_labels(labels: torch.Tensor, visual: torch.Tensor, pad_ids: tuple[int, ...]) -> torch.Tensor:

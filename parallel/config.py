@@ -9,7 +9,7 @@ parallel/mesh.py and run before any process group exists.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 
 @dataclass
@@ -27,7 +27,18 @@ class ParallelConfig:
     dp_shard: int = -1          # FSDP shard group size; -1 = what the world size leaves over
     tp: int = 1                 # tensor parallel, always with sequence parallelism (as torchtitan)
     ep: int = 1                 # expert parallel, carved from dp_shard x cp
-    pp: int = 1                 # pipeline stages (issue 6)
+    pp: int = 1                 # pipeline-parallel ranks (parallel/pipeline.py)
+    # Pipeline schedule: gpipe | 1f1b | interleaved_1f1b | interleaved_zb | zbv (see
+    # parallel/pipeline.py SCHEDULES); the interleaved ones run pp_virtual_stages stages per rank.
+    pp_schedule: str = "1f1b"
+    # Micro-batches per optimizer step through the pipeline, each one loader batch; null takes
+    # train.grad_accum. 1F1B needs at least pp of them.
+    pp_microbatches: Optional[int] = None
+    pp_virtual_stages: int = 1  # stages per pp rank: 1 for gpipe/1f1b, >= 2 interleaved, 2 for zbv
+    # Decoder layers per stage (pp * pp_virtual_stages entries, summing to model.num_layers; the
+    # first and last may be 0: they also carry the embedding + vision tower and the norm + LM head +
+    # MTP). null = an even split.
+    pp_layers_per_stage: Optional[List[int]] = None
     cp: int = 1                 # context parallel (not yet; the mesh dimension is kept)
     # FSDP2 compute dtype: auto = bf16 on GPU, fp32 on CPU (exact comparisons); reduce and master
     # weights stay fp32.

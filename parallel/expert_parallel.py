@@ -36,26 +36,16 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.autograd.profiler import record_function
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import parallelize_module
 
 from model.moe import SparseMoE
+from parallel import collectives
 from parallel.local_params import LocalCompute
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 COMM_KEYS = ("tokens_sent", "tokens_received", "tokens_local", "counts_sent", "counts_received")
-
-
-def _named_all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits, in_splits, group, what: str):
-    """all_to_all_single that names itself in traces and errors (a gloo timeout, a size mismatch)."""
-    with record_function(what):
-        try:
-            dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
-        except RuntimeError as e:
-            raise RuntimeError(f"collective '{what}' failed: {e}") from e
-    return out
 
 
 class _AllToAllRows(torch.autograd.Function):
@@ -123,7 +113,7 @@ class AllToAllTokenDispatcher:
 
     def _exchange_rows(self, x: torch.Tensor, send: list[int], recv: list[int], what: str) -> torch.Tensor:
         out = x.new_empty((sum(recv), *x.shape[1:]))
-        _named_all_to_all(out, x.contiguous(), recv, send, self.group, what)
+        collectives.all_to_all_single(out, x.contiguous(), recv, send, what, self.group)
         row = math.prod(x.shape[1:]) * x.element_size()
         me = self.ep_rank
         self.comm_bytes["tokens_sent"] += (sum(send) - send[me]) * row
@@ -146,7 +136,8 @@ class AllToAllTokenDispatcher:
             send_counts = counts.clamp(max=capacity)
 
         recv_counts = torch.empty_like(send_counts)
-        _named_all_to_all(recv_counts, send_counts, None, None, self.group, self._what("counts"))
+        collectives.all_to_all_single(recv_counts, send_counts, None, None, self._what("counts"),
+                                      self.group)
         counts_bytes = (p - 1) * nl * send_counts.element_size()
         self.comm_bytes["counts_sent"] += counts_bytes
         self.comm_bytes["counts_received"] += counts_bytes

@@ -7,9 +7,10 @@ from collections import defaultdict
 from typing import Iterable, Optional
 
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import _StridedShard
+
+from parallel import collectives
 
 
 @torch.no_grad()
@@ -46,8 +47,9 @@ def global_grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
     for (mesh, copies), grads in groups.items():
         sq = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads]).square().sum()
         if mesh is not None:
+            names = mesh.mesh_dim_names or tuple(f"dim {d}" for d in range(mesh.ndim))
             for d in range(mesh.ndim):
-                dist.all_reduce(sq, group=mesh.get_group(d))
+                collectives.all_reduce(sq, f"grad-norm all_reduce over {names[d]}", mesh.get_group(d))
         total += float(sq) / copies
     return torch.tensor(total, dtype=torch.float64).sqrt().float()
 

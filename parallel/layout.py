@@ -22,6 +22,10 @@ from parallel.config import ParallelConfig
 PARAM_DTYPES = ("auto", "bf16", "fp32")
 ACTIVATION_CHECKPOINTS = ("none", "full", "selective")
 VISION_PLANS = ("balanced", "replicated")
+# Pipeline schedules (parallel/pipeline.py): those with one stage per rank, then the multi-stage ones.
+PP_SINGLE_SCHEDULES = ("gpipe", "1f1b")
+PP_SCHEDULES = PP_SINGLE_SCHEDULES + ("interleaved_1f1b", "interleaved_zb", "zbv")
+PP_ZERO_BUBBLE = ("interleaved_zb", "zbv")
 
 # Which mesh axes (slowest to fastest) each group spans; see Layout.axes().
 GROUP_AXES = {
@@ -113,11 +117,13 @@ class Layout:
 
 
 def validate_layout(parallel: ParallelConfig, model: ModelConfig, world_size: int,
-                    seq_len: int | None = None, world_source: str = "WORLD_SIZE") -> Layout:
+                    seq_len: int | None = None, world_source: str = "WORLD_SIZE",
+                    grad_accum: int | None = None) -> Layout:
     """Check `parallel.*` against the model and the world size; return the resolved Layout.
 
     Raises ConfigError with one line naming the field(s), the value(s) and the rule. Runs before any
     process group exists: `world_size` comes from the environment (`world_source` names where).
+    `grad_accum` (train.grad_accum), when given, is what a null parallel.pp_microbatches takes.
     """
     p = parallel
 
@@ -130,8 +136,8 @@ def validate_layout(parallel: ParallelConfig, model: ModelConfig, world_size: in
     need(p.dp_shard >= 1 or p.dp_shard == -1,
          f"parallel.dp_shard={p.dp_shard!r}: must be >= 1, or -1 (what the world size leaves over)")
     _check_knobs(p)
-    need(p.pp == 1, f"parallel.pp={p.pp}: not yet supported (pipeline parallelism is issue 6); "
-                    f"use parallel.pp=1")
+    if p.pp > 1:
+        _check_pipeline(p, model, grad_accum)
     need(p.cp == 1, f"parallel.cp={p.cp}: not yet supported (context parallelism); use parallel.cp=1")
     # Rules of the model alone first: they hold whatever the world size.
     if p.tp > 1:
@@ -170,6 +176,13 @@ def validate_layout(parallel: ParallelConfig, model: ModelConfig, world_size: in
              f" = {product}: must equal {world_s}")
     layout = Layout(world=world_size, pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=dp_shard,
                     cp=p.cp, tp=p.tp, ep=p.ep)
+    if p.pp > 1 and p.pp_schedule in PP_ZERO_BUBBLE:
+        # Their weight backward walks the autograd graph from the stage's parameters: FSDP's
+        # sharded parameters and TP's DTensors are not the tensors in that graph (torch 2.13).
+        need(layout.dp == 1 and p.tp == 1,
+             f"parallel.pp_schedule={p.pp_schedule!r}: zero-bubble schedules do not compose with "
+             f"FSDP or tensor parallelism (data-parallel size {layout.dp}{resolved}, parallel.tp="
+             f"{p.tp}); use 1f1b or interleaved_1f1b there")
 
     if p.ep > 1:
         need(layout.dp_shard_cp % p.ep == 0,
@@ -189,6 +202,7 @@ def _check_knobs(p: ParallelConfig) -> None:
     choice(p.param_dtype, PARAM_DTYPES, "parallel.param_dtype")
     choice(p.activation_checkpoint, ACTIVATION_CHECKPOINTS, "parallel.activation_checkpoint")
     choice(p.vision.name, VISION_PLANS, "parallel.vision.name")
+    choice(p.pp_schedule, PP_SCHEDULES, "parallel.pp_schedule")
     if p.selective_ac_every < 1:
         raise ConfigError(f"parallel.selective_ac_every={p.selective_ac_every!r}: must be >= 1")
     if p.expert_capacity_factor is not None and not p.expert_capacity_factor > 0:
@@ -196,6 +210,76 @@ def _check_knobs(p: ParallelConfig) -> None:
                           f"or null (dropless)")
     if not p.collective_timeout_s > 0:
         raise ConfigError(f"parallel.collective_timeout_s={p.collective_timeout_s!r}: must be > 0")
+
+
+def stage_layer_counts(p: ParallelConfig, num_layers: int) -> list[int]:
+    """Decoder layers of each of the pp * pp_virtual_stages pipeline stages, in stage order."""
+    stages = p.pp * p.pp_virtual_stages
+    if p.pp_layers_per_stage is not None:
+        return [int(n) for n in p.pp_layers_per_stage]
+    return [num_layers // stages] * stages
+
+
+def pipeline_microbatches(p: ParallelConfig, grad_accum: int | None) -> int | None:
+    """parallel.pp_microbatches resolved (null takes train.grad_accum); None if neither is known."""
+    return p.pp_microbatches if p.pp_microbatches is not None else grad_accum
+
+
+def _check_pipeline(p: ParallelConfig, model: ModelConfig, grad_accum: int | None) -> None:
+    """The rules of parallel.pp > 1: schedule, virtual stages, the layer split, micro-batches."""
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    v, stages = p.pp_virtual_stages, p.pp * p.pp_virtual_stages
+    sched = f"parallel.pp_schedule={p.pp_schedule!r}"
+    need(v >= 1, f"parallel.pp_virtual_stages={v}: must be >= 1")
+    if p.pp_schedule in PP_SINGLE_SCHEDULES:
+        need(v == 1, f"parallel.pp_virtual_stages={v}: {sched} runs one stage per rank; set it to 1 "
+                     f"or use parallel.pp_schedule=interleaved_1f1b")
+    elif p.pp_schedule == "zbv":
+        need(v == 2, f"parallel.pp_virtual_stages={v}: {sched} runs exactly 2 stages per rank (a V)")
+    else:
+        need(v >= 2, f"parallel.pp_virtual_stages={v}: {sched} interleaves several stages per rank; "
+                     f"set it to >= 2, or use parallel.pp_schedule=1f1b for one stage per rank")
+    need(not model.tie_word_embeddings,
+         f"parallel.pp={p.pp}: model.tie_word_embeddings=true is not supported under pipeline "
+         f"parallelism (the embedding lives on the first stage, the LM head on the last)")
+    where = f"parallel.pp * pp_virtual_stages = {p.pp}*{v} = {stages} stages"
+    if p.pp_layers_per_stage is None:
+        need(model.num_layers % stages == 0,
+             f"model.num_layers={model.num_layers}: must be divisible by {where} (even split), or "
+             f"set parallel.pp_layers_per_stage to a list of {stages} layer counts")
+    else:
+        counts = list(p.pp_layers_per_stage)
+        need(len(counts) == stages, f"parallel.pp_layers_per_stage={counts}: needs one entry per "
+                                    f"stage, {where}")
+        need(all(n >= 0 for n in counts), f"parallel.pp_layers_per_stage={counts}: counts must be >= 0")
+        need(all(n >= 1 for n in counts[1:-1]),
+             f"parallel.pp_layers_per_stage={counts}: a middle stage needs >= 1 layer (only the first "
+             f"and last stages carry other modules)")
+        need(sum(counts) == model.num_layers,
+             f"parallel.pp_layers_per_stage={counts}: sums to {sum(counts)}, must equal "
+             f"model.num_layers={model.num_layers}")
+    if p.pp_microbatches is not None:
+        need(p.pp_microbatches >= 1, f"parallel.pp_microbatches={p.pp_microbatches}: must be >= 1 or "
+                                     f"null (= train.grad_accum)")
+        need(grad_accum is None or grad_accum == p.pp_microbatches,
+             f"parallel.pp_microbatches={p.pp_microbatches} and train.grad_accum={grad_accum}: under "
+             f"pipeline parallelism each micro-batch is one loader batch, so they must agree "
+             f"(leave parallel.pp_microbatches null to take train.grad_accum)")
+    m = pipeline_microbatches(p, grad_accum)
+    if m is None:
+        return
+    field_name = "parallel.pp_microbatches" if p.pp_microbatches is not None else "train.grad_accum"
+    if p.pp_schedule != "gpipe":
+        need(m >= p.pp, f"{field_name}={m}: {sched} needs at least parallel.pp={p.pp} micro-batches "
+                        f"(fewer leave stages idle; gpipe accepts any number)")
+    if p.pp_schedule in ("interleaved_1f1b", "interleaved_zb"):
+        rounds = max(1, m // p.pp)
+        need(m % rounds == 0, f"{field_name}={m}: {sched} needs a multiple of "
+                              f"max(1, micro-batches // pp) = {rounds} micro-batches (use a multiple "
+                              f"of parallel.pp={p.pp})")
 
 
 def _tp_split_fields(model: ModelConfig) -> list[tuple[str, str]]:
@@ -255,7 +339,8 @@ def layout_table(layout: Layout, model: ModelConfig, vision_plan: str = "balance
          "FSDP shards parameters, gradients, optimizer state; each rank its own data"),
         ("dp_replicate", L.dp_replicate, "dp_replicate",
          "HSDP replicas: gradients all-reduced across them" if L.dp_replicate > 1 else "- (no HSDP)"),
-        ("pp", L.pp, "pp", "- (one stage)" if L.pp == 1 else "pipeline stages"),
+        ("pp", L.pp, "pp", "- (one stage)" if L.pp == 1 else "pipeline stages (decoder layers split "
+         "over the pp ranks; the first also embeds, the last has the norm, LM head and MTP)"),
         ("ep", ep, "ep", ep_what),
         ("dp (data)", L.dp, "dp", "ranks reading different data; the tp and cp ranks of one read the same"),
         ("fsdp", L.dp_shard_cp, "fsdp", f"non-expert parameters sharded over dp_shard x cp{rep}"),

@@ -35,6 +35,7 @@ from model.language_model import Qwen35LM
 from model.loss import IGNORE_INDEX
 from model.mlp import SwiGLU
 from model.moe import SparseMoE
+from parallel import collectives
 from parallel.local_params import LocalCompute
 
 
@@ -108,14 +109,12 @@ class _AllReduceSum(torch.autograd.Function):
     sum, so each rank's gradient of it is already the gradient of its own term."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        x = x.clone()
-        dist.all_reduce(x, group=group)
-        return x
+    def forward(ctx, x: torch.Tensor, group, name: str) -> torch.Tensor:
+        return collectives.all_reduce(x.clone(), name, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad, None
+        return grad, None, None
 
 
 class VocabParallelCrossEntropy(nn.Module):
@@ -132,12 +131,15 @@ class VocabParallelCrossEntropy(nn.Module):
         x = logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
         with torch.no_grad():
             m = x.max(dim=-1).values
-            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=self.group)
+            collectives.all_reduce(m, "tp all_reduce vocab-parallel CE max", self.group,
+                                   op=dist.ReduceOp.MAX)
         shifted = x - m.unsqueeze(-1)
-        sum_exp = _AllReduceSum.apply(shifted.exp().sum(dim=-1), self.group)
+        sum_exp = _AllReduceSum.apply(shifted.exp().sum(dim=-1), self.group,
+                                      "tp all_reduce vocab-parallel CE sum of exp")
         local = labels - self.vocab_start
         mine = (local >= 0) & (local < x.shape[-1])
         picked = shifted.gather(-1, local.clamp(0, x.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
-        target = _AllReduceSum.apply(torch.where(mine, picked, torch.zeros_like(picked)), self.group)
+        target = _AllReduceSum.apply(torch.where(mine, picked, torch.zeros_like(picked)), self.group,
+                                     "tp all_reduce vocab-parallel CE target logit")
         ce = sum_exp.log() - target
         return torch.where(labels == IGNORE_INDEX, torch.zeros_like(ce), ce)

@@ -27,12 +27,13 @@ import torch.distributed as dist
 from torch import nn
 
 from model.vision import VisionEncoder, grid_list
+from parallel import collectives
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
 PLANS = ("balanced", "replicated")
-# The name the all-gather carries in profiler traces, so a hang report says which collective stalled.
+# The names the collectives carry in profiler traces and errors (parallel/collectives.py).
 GATHER_NAME = "vision_plan.all_gather_embeddings"
 
 
@@ -102,8 +103,7 @@ class _GatherItems(torch.autograd.Function):
         send = local.new_zeros(max_rows, local.shape[1])
         send[: local.shape[0]] = local
         recv = local.new_empty(plan.world * max_rows, local.shape[1])
-        with torch.autograd.profiler.record_function(GATHER_NAME):
-            _all_gather_single(recv, send, plan.group)
+        collectives.all_gather_single(recv, send, GATHER_NAME, plan.group)
         plan.stats.allgather_bytes = recv.numel() * recv.element_size()
         plan.stats.allgather_bytes_total += plan.stats.allgather_bytes
         ctx.save_for_backward(local_index)
@@ -113,12 +113,6 @@ class _GatherItems(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (local_index,) = ctx.saved_tensors
         return grad.index_select(0, local_index), None, None, None, None
-
-
-def _all_gather_single(out: torch.Tensor, inp: torch.Tensor, group) -> None:
-    # torch 2.13 renamed all_gather_into_tensor (deprecated there); 2.11 has only the old name.
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    fn(out, inp, group=group)
 
 
 def _gather_indices(rows: list[int], shares: list[list[int]], max_rows: int, rank: int,
@@ -305,8 +299,7 @@ def reduce_vision_grads(model: nn.Module, group: Optional[dist.ProcessGroup] = N
 
 def _all_reduce_flat(tensors: list[torch.Tensor], group) -> int:
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    with torch.autograd.profiler.record_function("vision_plan.all_reduce_grads"):
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    collectives.all_reduce(flat, "vision_plan.all_reduce_grads", group)
     offset = 0
     for t in tensors:
         t.copy_(flat[offset: offset + t.numel()].view_as(t))

@@ -1,9 +1,15 @@
 """The webdataset data path: shard format and writer, synthetic shards, shard lists and their
 split, packing, mixtures, exact resume (batch by batch, with workers), and bad input."""
 
+import inspect
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,6 +208,58 @@ def test_data_parallel_ranks_read_disjoint_samples(syn, tok):
         assert_same_batch(next(a), next(b))
 
 
+def epoch_docs(batches) -> list[tuple[int, ...]]:
+    """The token ids of the documents packed into ``batches`` (one rank's stream, in order),
+    pieces split across rows joined again; the padding of an epoch's last rows dropped."""
+    docs, part = [], []
+    for b in batches:
+        ids, cu = b["input_ids"].flatten().tolist(), b["cu_seqlens"].tolist()
+        for a, e in zip(cu[:-1], cu[1:]):
+            piece = ids[a:e]
+            if all(t == 1 for t in piece):  # padding
+                continue
+            part += piece
+            if piece[-1] == 0:  # end of document
+                docs.append(tuple(part))
+                part = []
+    return docs
+
+
+# One data-parallel rank's epoch in a process of its own (the test below starts two).
+RANK_SCRIPT = inspect.getsource(epoch_docs) + """
+import json, sys
+from data import build_loader
+from data.config import DataConfig
+loader = build_loader(DataConfig(**json.loads(sys.argv[1])), int(sys.argv[2]), int(sys.argv[3]))
+print(json.dumps(epoch_docs(loader)))
+"""
+
+
+def test_data_parallel_ranks_as_processes_split_an_epoch(tmp_path):
+    """Two ranks in two real processes read disjoint documents whose union is what one process
+    reads in the epoch (several shards per rank, plus shards shared sample by sample)."""
+    sink = ShardSink(str(tmp_path / "s"), max_bytes=6000)
+    for i in range(40):  # every document unique: its tokens name it
+        segs = ([{"image": png(32 + i % 3 * 32, 32, (5 * i, 100, 50)), "ext": "png"},
+                 {"text": f" picture {i}."}] if i % 4 == 0 else [{"text": f"document {i} " * (3 + i % 50)}])
+        sink.write(f"d{i:04d}", encode_sample(f"d{i:04d}", segs))
+    sink.close()
+    assert len(sink.paths) >= 5
+    c = {**SMALL, "shards": f"{tmp_path}/s/*.tar", "epochs": 1}
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, json.dumps(c), str(rank), "2"],
+                              cwd=root, env=env, stdout=subprocess.PIPE, text=True)
+             for rank in range(2)]
+    whole = epoch_docs(build_loader(cfg(**c)))  # meanwhile, one process reading everything
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    r0, r1 = ([tuple(d) for d in json.loads(o)] for o in outs)
+    assert r0 and r1 and not set(r0) & set(r1)
+    assert Counter(r0) + Counter(r1) == Counter(whole)
+    assert len(whole) == 40
+
+
 # ---- packing and batches ----------------------------------------------------------------------
 
 
@@ -247,6 +305,47 @@ def _check_batches(syn, tok):
                                              "video_grid_thw") if k in b})
         assert torch.isfinite(out.loss)
     assert saw_video
+
+
+def test_loader_fast_paths_match_the_model_reference(tok):
+    """data/pixels.py (uint8 patches, normalised per batch) and data/positions.py (M-RoPE per
+    document, reused for its pieces) give exactly what model/vision_processing.py and
+    model/mrope.py give."""
+    from data.documents import DocumentBuilder
+    from data.pixels import image_patches, normalize_patches, video_patches
+    from data.synthetic import motion_video
+    from model.vision_processing import process_image, process_video
+
+    g = torch.Generator().manual_seed(0)
+    for h, w, min_pixels in ((64, 96, 1024), (40, 70, 1024), (40, 70, 65536)):  # as is, down, up
+        # [3, H, W] over [H, W, 3] memory, as decoded
+        img = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).permute(2, 0, 1)
+        ref = process_image(img, 16, 2, 2, min_pixels, 1 << 20)
+        got = image_patches(img, 16, 2, 2, min_pixels, 1 << 20)
+        assert got.grid_thw == ref.grid_thw
+        assert torch.equal(normalize_patches(got.pixel_values), ref.pixel_values)
+    frames = torch.randint(0, 256, (7, 48, 64, 3), generator=g, dtype=torch.uint8).permute(0, 3, 1, 2)
+    for fps, max_pixels in ((2.0, 1 << 20), (None, 20000)):  # sampled; all 7 (odd), resized
+        ref = process_video(frames, 4.0, fps, 16, 2, 2, 1024, max_pixels, 4, 64)
+        got = video_patches(frames, 4.0, fps, 16, 2, 2, 1024, max_pixels, 4, 64)
+        assert (got.grid_thw, got.timestamps) == (ref.grid_thw, ref.timestamps)
+        assert torch.equal(normalize_patches(got.pixel_values), ref.pixel_values)
+
+    import random
+    gif, cap = motion_video(random.Random(0))
+    raw = encode_sample("k", [{"text": "Look:"}, {"image": png(96, 64), "ext": "png"}, {"text": " red."},
+                              {"video": gif, "ext": "gif", "fps": 4.0}, {"text": cap + " more text"}])
+    doc = DocumentBuilder(cfg(), tok).build(raw)
+    assert {it.visual.kind for it in doc.items} == {"image", "video"}
+    inside = {c for it in doc.items for c in range(it.start + 1, it.end)}
+    for cut in (c for c in range(len(doc.tokens)) if c not in inside):
+        piece = doc.tail(cut)
+        grids = {k: [it.visual.grid_thw for it in piece.items if it.visual.kind == k] or None
+                 for k in ("image", "video")}
+        want = mrope_position_ids(torch.tensor([piece.tokens]), *(
+            None if v is None else torch.tensor(v) for v in (grids["image"], grids["video"])),
+            image_token_id=IMG, video_token_id=VID)
+        assert torch.equal(torch.from_numpy(piece.positions), want[:, 0]), cut
 
 
 def test_best_cut_never_splits_an_item():

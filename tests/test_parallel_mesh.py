@@ -55,7 +55,8 @@ def check(world=4, model=MODEL, seq_len=256, **parallel):
                        "from the FSDP ranks, MoE parallel folding; dp_shard=-1 resolved to 2 from "
                        "WORLD_SIZE=4)"),
     (dict(ep=2, model=replace(MODEL, mlp_type="dense")), "parallel.ep=2: needs an MoE model"),
-    (dict(pp=2), "parallel.pp=2: not yet supported (pipeline parallelism is issue 6)"),
+    (dict(pp=2, model=replace(MODEL, num_layers=3)),
+     "model.num_layers=3: must be divisible by parallel.pp * pp_virtual_stages = 2*1 = 2 stages"),
     (dict(cp=2), "parallel.cp=2: not yet supported"),
     (dict(param_dtype="fp16"), "parallel.param_dtype='fp16': must be one of 'auto', 'bf16', 'fp32'"),
     (dict(activation_checkpoint="some"), "parallel.activation_checkpoint='some': must be one of 'none'"),

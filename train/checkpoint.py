@@ -3,6 +3,14 @@
 Layout: <dir>/step_<8 digits>/ holds a committed checkpoint (DCP files plus a COMMITTED marker).
 A checkpoint is written under <dir>/.tmp_step_<8 digits>/ and renamed when complete, so a crash
 mid-write never leaves a directory that looks committed; leftovers of such crashes are removed.
+
+Loading onto another parallel layout (tp, ep, pp, dp_shard, world size): DCP reshards the model's
+and the optimizer's DTensors by their global shapes. The optimizer state is saved *flattened*, keyed
+by parameter name (`state.<fqn>.exp_avg`, `param_groups.<fqn>.lr`), because the optimizer's groups
+are split by mesh (train/optim.py) and so differ between layouts; per-group lists would not map.
+Each rank's `extra` (`extra_rank<N>`) is kept, with a `layout` record of which data-parallel rank
+each writer was: a rank of the new layout resumes from an old rank of its own data-parallel rank, and
+when the data-parallel size changed it gets every old data-parallel rank's extra to remap from.
 """
 
 from __future__ import annotations
@@ -17,10 +25,14 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 MARKER = "COMMITTED"
+LAYOUT_KEY = "layout"
+FLAT_OPTIM = StateDictOptions(flatten_optimizer_state_dict=True)
+# Checkpoints written before the flattened format keep per-group lists: loadable in the same layout.
+GROUPED_OPTIM_KEY = "optim.param_groups.0.params"
 
 
 def step_dir_name(step: int) -> str:
@@ -50,16 +62,34 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def _extra_key() -> str:
-    return f"extra_rank{dist.get_rank() if dist.is_initialized() else 0}"
+def _rank_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
-def training_state(model, optimizer, extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def _extra_key(rank: Optional[int] = None) -> str:
+    return f"extra_rank{_rank_world()[0] if rank is None else rank}"
+
+
+def training_state(model, optimizer, extra: Optional[dict[str, Any]] = None,
+                   options: StateDictOptions = FLAT_OPTIM) -> dict[str, Any]:
     """The state DCP saves and loads in place: model and optimizer (sharding-aware), plus this
     rank's `extra` (scheduler, step, RNG and data-loader states), pickled into one bytes value so
     that DCP stores it verbatim rather than flattening Python tuples and lists."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     return {"model": model_sd, "optim": optim_sd, _extra_key(): pickle.dumps(extra or {})}
+
+
+def _layout_record(extra: dict[str, Any]) -> bytes:
+    """{world, dp_size, dp_ranks: the data-parallel rank of every rank}: one small all-gather.
+    Every rank writes the same bytes (DCP keeps one copy)."""
+    rank, world = _rank_world()
+    dp_rank, dp_size = int(extra.get("dp_rank", rank)), int(extra.get("dp_size", world))
+    dp_ranks = [dp_rank] * world
+    if world > 1:
+        dist.all_gather_object(dp_ranks, dp_rank)
+    return pickle.dumps({"world": world, "dp_size": dp_size, "dp_ranks": dp_ranks})
 
 
 def save_checkpoint(ckpt_dir: str | Path, step: int, model, optimizer, extra: dict[str, Any],
@@ -72,7 +102,9 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model, optimizer, extra: di
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
-    dcp.save(training_state(model, optimizer, extra), checkpoint_id=str(tmp))
+    state = training_state(model, optimizer, extra)
+    state[LAYOUT_KEY] = _layout_record(extra)
+    dcp.save(state, checkpoint_id=str(tmp))
     _barrier()
     if _is_main():
         (tmp / MARKER).write_text(f"{step}\n")
@@ -86,13 +118,59 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model, optimizer, extra: di
     return final
 
 
-def load_checkpoint(path: str | Path, model, optimizer) -> dict[str, Any]:
-    """Load into model and optimizer in place; return this rank's saved `extra`."""
-    state = training_state(model, optimizer)
+def load_checkpoint(path: str | Path, model, optimizer, dp_rank: int = 0,
+                    dp_size: int = 1) -> dict[str, Any]:
+    """Load into model and optimizer in place, resharding to this layout; return the `extra` this
+    rank resumes from: its own when the checkpoint has it and the data-parallel rank is the same,
+    else that of an old rank with this data-parallel rank (tp/ep/pp ranks of one dp rank hold the
+    same data position). When the data-parallel size changed, the extra of old dp rank 0 is returned
+    with `dp_extras`: the extras of every old dp rank, in dp-rank order, to remap the loader from."""
+    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    grouped = GROUPED_OPTIM_KEY in meta
+    saved_groups = sum(1 for k in meta if k.startswith("optim.param_groups.") and k.endswith(".params"))
+    if grouped and saved_groups != len(optimizer.param_groups):
+        raise ValueError(f"{path}: its optimizer state is in the per-group format of older "
+                         f"checkpoints ({saved_groups} groups, this layout has "
+                         f"{len(optimizer.param_groups)}); it loads only in the layout it was "
+                         f"written with")
+    record = _read_objects(path, [LAYOUT_KEY])[LAYOUT_KEY] if LAYOUT_KEY in meta else None
+    sources = _extra_sources(record, meta, dp_rank, dp_size, path)
+    options = StateDictOptions(flatten_optimizer_state_dict=not grouped)
+    state = training_state(model, optimizer, options=options)
+    del state[_extra_key()]
+    state.update({_extra_key(r): b"" for r in sources})
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"])
-    return pickle.loads(state[_extra_key()])
+                   optim_state_dict=state["optim"], options=options)
+    extras = [pickle.loads(state[_extra_key(r)]) for r in sources]
+    if record is None or record["dp_size"] == dp_size:
+        return extras[0]
+    return {**extras[0], "dp_extras": extras}
+
+
+def _extra_sources(record: Optional[dict], meta, dp_rank: int, dp_size: int, path) -> list[int]:
+    """The old ranks whose extras this rank needs: one of its own dp rank, or (dp size changed) one
+    per old dp rank."""
+    rank, _ = _rank_world()
+    if record is None:  # written before layout records: only the same layout resumes
+        if _extra_key(rank) not in meta:
+            raise ValueError(f"{path} has no {_extra_key(rank)} and no layout record: a checkpoint "
+                             f"of this age resumes only with the world size it was written with")
+        return [rank]
+    firsts: dict[int, int] = {}
+    for r, d in enumerate(record["dp_ranks"]):
+        firsts.setdefault(d, r)
+    if record["dp_size"] != dp_size:
+        return [firsts[d] for d in range(record["dp_size"])]
+    if rank < record["world"] and record["dp_ranks"][rank] == dp_rank:
+        return [rank]
+    return [firsts[dp_rank]]
+
+
+def _read_objects(path: str | Path, keys: list[str]) -> dict[str, Any]:
+    state = {k: b"" for k in keys}
+    dcp.load(state, checkpoint_id=str(path))
+    return {k: pickle.loads(v) for k, v in state.items()}
 
 
 def load_model_weights(path: str | Path, model) -> None:

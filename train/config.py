@@ -17,6 +17,7 @@ from data.config import DataConfig
 from model.config import ConfigError, ModelConfig
 from parallel.config import ParallelConfig
 from parallel.layout import validate_layout
+from train.fp8_config import PrecisionConfig, validate_precision
 
 
 @dataclass
@@ -73,6 +74,7 @@ class RootConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     run_dir: str = "runs/default"
 
 
@@ -135,4 +137,5 @@ def validate_config(cfg: RootConfig) -> RootConfig:
     if not world.isdigit():
         raise ConfigError(f"WORLD_SIZE={world!r}: must be a positive integer (torchrun sets it)")
     validate_layout(cfg.parallel, cfg.model, int(world), cfg.data.seq_len)
+    validate_precision(cfg.precision, cfg.model.num_layers, t.device)
     return cfg

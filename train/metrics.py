@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -48,12 +49,18 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024
 
 
 class MetricsLogger:
-    """Appends one JSON object per logged step to <run_dir>/metrics.jsonl and mirrors it to wandb."""
+    """Appends one JSON object per logged step to <run_dir>/metrics.jsonl and mirrors it to wandb.
+
+    `resume_step`: the step the run (re)starts from; records of later steps, logged by the attempt
+    that crashed or was killed before its next checkpoint, are dropped (`drop_records_after`), so
+    the steps run again are logged once and the file reads as an uninterrupted run's."""
 
     def __init__(self, run_dir: Path, wandb_mode: str, project: str, run_name: Optional[str],
-                 config: dict[str, Any], enabled: bool = True):
+                 config: dict[str, Any], enabled: bool = True, resume_step: Optional[int] = None):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
+        if enabled and resume_step is not None:
+            drop_records_after(self.path, resume_step)
         self.wandb = None
         if enabled and wandb_mode != "disabled":
             import wandb  # imported only when used: it is slow to import
@@ -74,6 +81,39 @@ class MetricsLogger:
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def drop_records_after(path: Path, step: int) -> int:
+    """Keep the records of steps <= `step` in the JSONL file `path`; a torn line (the write of a
+    killed process) goes too. The file is replaced atomically (a new file renamed over it), so a
+    crash here leaves the old or the new file, never half of one. -> records dropped."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    text = path.read_text()
+    kept, dropped = [], 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped or (text and not text.endswith("\n")):  # an unterminated line glues to the next
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("w") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if dropped:
+            log.info("%s: dropped %d record(s) after step %d, the step this run resumes from",
+                     path, dropped, step)
+    return dropped
 
 
 def _jsonable(v):

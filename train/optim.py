@@ -70,3 +70,16 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+
+
+def load_scheduler_state(scheduler, sd: dict) -> None:
+    """Restore the schedule's position only (`last_epoch`, `_step_count`) and set each group's lr
+    from it. The saved `base_lrs` are one per optimizer group, and the groups differ between
+    parallel layouts (they split by mesh); the base lrs come from the config in any layout."""
+    scheduler.last_epoch = int(sd["last_epoch"])
+    scheduler._step_count = int(sd["_step_count"])
+    lrs = [base * fn(scheduler.last_epoch)
+           for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs

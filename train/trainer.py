@@ -25,12 +25,14 @@ from data import build_loader
 from model.language_model import Qwen35LM
 from model.moe import collect_expert_load, update_router_bias
 from model.params import count_params, train_flops_per_token
+from parallel.collectives import StepWatchdog
 from parallel.distributed import init_distributed, rank, shutdown, sum_over
 from parallel.grads import clip_grad_norm_, global_grad_norm, match_grad_placements
 from train import checkpoint as ckpt
 from train.config import RootConfig
+from train.fp8_policy import apply_precision
 from train.metrics import MetricsLogger, console_line, peak_flops
-from train.optim import build_optimizer, build_scheduler
+from train.optim import build_optimizer, build_scheduler, load_scheduler_state
 from train.precision import autocast, autocast_dtype, resolve_device
 from train.report import VISUAL_KEYS, caption_loss_gap, plot_loss_curves, write_caption_report
 
@@ -55,6 +57,12 @@ class Trainer:
 
         self.model = Qwen35LM(cfg.model).to(self.device)
         counts = count_params(self.model)
+        # FP8 policy: swaps the chosen GEMM modules, before any parallelism wraps the model.
+        # FP8 scales are shared by all ranks (each sees other data, or another shard of a weight).
+        amax_group = torch.distributed.group.WORLD if self.meshes is not None else None
+        self.fp8_autocast, precision_table = apply_precision(self.model, cfg.precision, self.device,
+                                                             amax_reduction_group=amax_group)
+        log.info("%s", precision_table)
         dp_rank, dp_size, self.world = 0, 1, 1
         if self.meshes is not None:
             from parallel.plan import parallelize
@@ -82,7 +90,8 @@ class Trainer:
     def _extra_state(self) -> dict[str, Any]:
         return {"step": self.step, "scheduler": self.scheduler.state_dict(),
                 "rng": ckpt.rng_state(), "data": self.loader.state_dict(),
-                "skipped_steps": self.skipped_steps, "bad_streak": self.bad_streak}
+                "skipped_steps": self.skipped_steps, "bad_streak": self.bad_streak,
+                "dp_rank": self.loader.dp_rank, "dp_size": self.dp_size}
 
     def save(self) -> Path:
         path = ckpt.save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer,
@@ -106,10 +115,18 @@ class Trainer:
                 ckpt.load_model_weights(self.cfg.train.init_from, self.model)
                 log.info("initialised weights from %s", self.cfg.train.init_from)
             return
-        extra = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        # Another parallel layout reshards the model and optimizer; a changed data-parallel size
+        # hands the loader every old dp rank's state to remap (or refuse) from.
+        extra = ckpt.load_checkpoint(path, self.model, self.optimizer, self.loader.dp_rank,
+                                     self.dp_size)
         self.step = extra["step"]
-        self.scheduler.load_state_dict(extra["scheduler"])
-        self.loader.load_state_dict(extra["data"])
+        load_scheduler_state(self.scheduler, extra["scheduler"])
+        if "dp_extras" in extra:
+            log.info("data-parallel size %d -> %d: remapping the data loader's position",
+                     len(extra["dp_extras"]), self.dp_size)
+            self.loader.load_state_dict([e["data"] for e in extra["dp_extras"]])
+        else:
+            self.loader.load_state_dict(extra["data"])
         ckpt.set_rng_state(extra["rng"])
         self.skipped_steps = extra["skipped_steps"]
         self.bad_streak = extra["bad_streak"]
@@ -132,7 +149,7 @@ class Trainer:
             # Token-weighted so that accumulation (and data parallelism) equals one large batch.
             weight = b["num_tokens"] / total_tokens
             visual = {k: b[k].to(self.device) for k in VISUAL_KEYS if b.get(k) is not None}
-            with autocast(self.device, self.amp_dtype):
+            with autocast(self.device, self.amp_dtype), self.fp8_autocast():
                 out = self.model(b["input_ids"].to(self.device),
                                  position_ids=b["position_ids"].to(self.device),
                                  cu_seqlens=b["cu_seqlens"].to(self.device),
@@ -239,11 +256,17 @@ class Trainer:
         metrics = MetricsLogger(self.run_dir, cfg.logging.wandb, cfg.logging.project,
                                 cfg.logging.run_name,
                                 OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
-                                enabled=self.is_main)
+                                enabled=self.is_main, resume_step=self.step)
         history = []
         last_saved = self.step
+        # Under torchrun: every rank logs a step that runs past half the collective timeout, and
+        # the named collective it is in (parallel/collectives.py), before a hang ends the job.
+        timeout = cfg.parallel.collective_timeout_s
+        watchdog = StepWatchdog(timeout / 2, timeout) if self.meshes is not None else None
         try:
             while self.step < cfg.train.max_steps:
+                if watchdog is not None:
+                    watchdog.begin(f"step {self.step + 1}")
                 t0 = time.perf_counter()
                 record = self.train_step()
                 if self.device.type == "cuda":
@@ -261,10 +284,14 @@ class Trainer:
                 if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                     self.save()
                     last_saved = self.step
+            if watchdog is not None:
+                watchdog.begin("the final checkpoint save and report")
             if cfg.checkpoint.save_final and last_saved != self.step:
                 self.save()
             self.final_report()
         finally:
+            if watchdog is not None:
+                watchdog.close()
             metrics.close()
             shutdown()
         return history
