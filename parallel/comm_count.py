@@ -21,7 +21,8 @@ same whichever algorithm the backend picks; "payload" is the tensor the call is 
                                                               a reduce-scatter, then an all-gather)
     all_to_all      payload = input bytes                     sent = input rows addressed to the
                                                               other ranks (its own split stays)
-    broadcast       payload = buffer bytes                    sent = payload * (n-1)/n (pipelined)
+    broadcast       payload = buffer bytes                    sent = payload * (n-1)/n (a ring
+                                                              pipeline, averaged over ranks)
 
 Groups of size 1 are counted (calls, payload) with 0 bytes sent. Groups are named through
 `mesh_group_labels(meshes)` by the mesh dimension they are (tp, dp_shard, ep, ...).

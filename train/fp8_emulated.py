@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, Partial, Shard
 
 from model.moe import GROUPED_MM_DTYPES, GroupedExperts, grouped_matmul
 from train.fp8_config import PrecisionConfig
@@ -229,7 +230,10 @@ class _Fp8Module:
         qz = Quantiser(self.fp8_recipe, self.fp8_format, self.fp8_margin, self.fp8_amax_compute_algo,
                        group=self.fp8_group)
         if self.fp8_recipe == "delayed":
-            h, s = self.fp8_amax_history, self.fp8_scale
+            # Tensor-parallel styles turn a module's buffers into replicated DTensors: the state is
+            # updated in place through their local tensors (same storage).
+            h, s = (b.to_local() if isinstance(b, DTensor) else b
+                    for b in (self.fp8_amax_history, self.fp8_scale))
             qz.history, qz.scale = (h, s) if index is None else (h[:, index], s[index])
         return qz
 
@@ -247,7 +251,24 @@ class EmulatedFp8Linear(_Fp8Module, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _enabled:
             return super().forward(x)
+        if isinstance(self.weight, DTensor):
+            return self._tensor_parallel_forward(x)
         return _Fp8LinearFn.apply(x, self.weight, self.bias, self._quantiser(), _compute_dtype(x))
+
+    def _tensor_parallel_forward(self, x: DTensor) -> DTensor:
+        """Under a column- or row-parallel plan (weight Shard(0) / Shard(1)): the FP8 GEMM of this
+        rank's shard. The amaxes are max-reduced over the amax group, so a per-tensor scale is the
+        whole tensor's, as without tensor parallelism."""
+        if self.bias is not None:
+            raise NotImplementedError("emulated FP8 under tensor parallelism: linear layers with a "
+                                      "bias are not sharded by the plans")
+        column = self.weight.placements[0] == Shard(0)
+        # Column-parallel: the input is replicated and its gradient a partial sum over the ranks.
+        x_local = x.to_local(grad_placements=[Partial()] if column else None)
+        y = _Fp8LinearFn.apply(x_local, self.weight.to_local(), None, self._quantiser(),
+                               _compute_dtype(x_local))
+        return DTensor.from_local(y, self.weight.device_mesh,
+                                  [Shard(y.dim() - 1)] if column else [Partial()], run_check=False)
 
 
 class EmulatedFp8GroupedExperts(_Fp8Module, GroupedExperts):
@@ -263,7 +284,7 @@ class EmulatedFp8GroupedExperts(_Fp8Module, GroupedExperts):
         align = max(FP8_ROW_ALIGN, BLOCK.get(self.fp8_recipe, 1))
         xp, counts, dest = pad_groups(x, tokens_per_expert, align)
         offs = counts.cumsum(0).to(torch.int32)
-        rows = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), counts,
+        rows = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device), counts,
                                        output_size=xp.shape[0])
         gate, up = _Fp8GroupedFn.apply(xp, self.gate_up_proj, offs, rows, self._quantiser(0)).chunk(2, -1)
         out = _Fp8GroupedFn.apply(F.silu(gate) * up, self.down_proj, offs, rows, self._quantiser(1))
