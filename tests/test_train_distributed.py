@@ -51,3 +51,14 @@ def test_resume_in_the_same_layout_is_exact(tmp_path, layout):
         assert [r[key] for r in split] == [r[key] for r in full], key
     dp = 2 if "parallel.dp_shard=2" in layout else 1
     assert full[0]["tokens"] == dp * 2 * 64  # data-parallel ranks x batch 2 x 64 tokens
+
+
+def test_accumulation_under_fsdp_equals_one_large_batch(tmp_path):
+    """dp_shard=2: 2 micro-batches of 1 row (gradients reduce-scattered once, after the second)
+    log what 1 micro-batch of 2 rows logs. The MoE aux loss is per micro-batch, so it is off here."""
+    args = ["train.max_steps=3", "checkpoint.interval=0", "parallel.dp_shard=2",
+            "model.router_aux_loss_coef=0", "model.mtp_num_layers=0"]
+    big = train(tmp_path / "big", 2, *args, "data.batch_size=2")
+    acc = train(tmp_path / "acc", 2, *args, "data.batch_size=1", "train.grad_accum=2")
+    for key in ("loss", "ce", "grad_norm"):
+        assert [r[key] for r in acc] == pytest.approx([r[key] for r in big], rel=2e-5), key

@@ -145,7 +145,10 @@ class Trainer:
         sums: dict[str, float] = {}
         modality = {"ce_after_vision": [0.0, 0], "ce_text": [0.0, 0]}  # [CE x tokens, tokens]
         self.optimizer.zero_grad(set_to_none=True)
-        for b in batches:
+        fsdp = hasattr(self.model, "set_requires_gradient_sync")
+        for i, b in enumerate(batches):
+            if fsdp:  # reduce-scatter the gradients once, after the last micro-batch
+                self.model.set_requires_gradient_sync(i == len(batches) - 1)
             # Token-weighted so that accumulation (and data parallelism) equals one large batch.
             weight = b["num_tokens"] / total_tokens
             visual = {k: b[k].to(self.device) for k in VISUAL_KEYS if b.get(k) is not None}
