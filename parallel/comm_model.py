@@ -177,9 +177,12 @@ def _tp_placement(name: str) -> Optional[str]:
     sub = name.split(".", 2)[2]
     if sub in ("input_layernorm.weight", "post_attention_layernorm.weight"):
         return "replicate"
-    if sub.startswith("mlp.") and sub.split(".")[1] in ("gate", "experts", "shared_expert",
-                                                        "shared_expert_gate"):
-        return None  # MoE blocks are not TP-sharded
+    if sub in ("mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight"):
+        return "shard0"
+    if sub == "mlp.shared_expert.down_proj.weight":
+        return "shard1"
+    if sub.startswith("mlp.") and sub.split(".")[1] in ("gate", "experts", "shared_expert_gate"):
+        return None  # the router and routed experts are not TP-sharded
     if sub in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
         return "shard0"
     if sub == "mlp.down_proj.weight":
@@ -290,6 +293,8 @@ def tp_collectives(cfg: ModelConfig, L: Layout, g: Groups, spec: StepSpec) -> li
         rs += runs + 1                  # fwd: mixer out; bwd: mixer in
         if dense:
             rs += runs + 1              # fwd: MLP out; bwd: MLP in
+        elif cfg.shared_expert_intermediate_size > 0:
+            ar += runs + 1              # shared expert: fwd: row-parallel out; bwd: input grad
         if types[i] == FULL_ATTENTION:
             small += [cfg.head_dim * grad_bytes] * 2                       # q_norm, k_norm
         else:

@@ -10,9 +10,10 @@ Between tensor-parallel regions the residual stream is a DTensor sharded along t
   Norms shared by all heads (q/k norm, the gated norm) keep a replicated weight whose gradient is
   summed over the ranks. The math runs on plain local tensors (`LocalCompute`).
 - dense SwiGLU MLPs: column-parallel gate/up, row-parallel down (Megatron's split).
-- MoE blocks: the router, the shared expert and the routed experts are not TP-sharded: the block
-  runs on the all-gathered sequence, identically on every TP rank, and keeps its own slice of the
-  output (experts are spread by expert parallelism instead, over the data-parallel ranks).
+- MoE blocks run on the all-gathered sequence and keep their own slice of the output: the shared
+  expert is column/row-parallel like a dense MLP (all-reduced back to the full sequence); the router
+  and the routed experts are not TP-sharded but run identically on every TP rank (experts are
+  spread by expert parallelism instead, over the data-parallel ranks).
 - the embedding and LM head are split by vocabulary; the loss is a vocab-parallel cross-entropy that
   never gathers the full logits. The embedding's output is replicated (visual tokens are scattered
   into it), and the stack's output is all-gathered for the final norm, the LM head and MTP.
@@ -92,10 +93,20 @@ def _mixer_plan(mixer: nn.Module, name: str, tp: int) -> dict:
 
 def _mlp_plan(mlp: nn.Module) -> dict:
     if isinstance(mlp, SparseMoE):
-        return {"mlp": PrepareModuleInputOutput(
+        plan = {"mlp": PrepareModuleInputOutput(
             input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None),
             use_local_input=True, output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),),
             use_local_output=False)}
+        if mlp.shared_expert is not None:
+            # Megatron's split on the gathered sequence: one all-reduce forward (the row-parallel
+            # output) and one backward (the input's gradient, once for gate and up together).
+            plan.update({
+                "mlp.shared_expert": PrepareModuleInput(input_layouts=(Replicate(),),
+                                                        desired_input_layouts=(Replicate(),)),
+                "mlp.shared_expert.gate_proj": ColwiseParallel(),
+                "mlp.shared_expert.up_proj": ColwiseParallel(),
+                "mlp.shared_expert.down_proj": RowwiseParallel(output_layouts=Replicate())})
+        return plan
     if isinstance(mlp, SwiGLU):
         return {"mlp": PrepareModuleInput(input_layouts=(Shard(1), None),
                                           desired_input_layouts=(Replicate(), None)),

@@ -246,9 +246,16 @@ class Trainer:
         if update_bias and self.cfg.model.router_bias_balancing:
             update_router_bias(self.model, load, self.cfg.model.router_bias_update_rate)
         per_layer = (load.max(dim=1).values / load.mean(dim=1).clamp(min=1e-9)).tolist()
-        return {"expert_load_imbalance": sum(per_layer) / len(per_layer),
-                "expert_load_imbalance_max": max(per_layer),
-                "expert_load_imbalance_per_layer": [round(x, 4) for x in per_layer]}
+        out = {"expert_load_imbalance": sum(per_layer) / len(per_layer),
+               "expert_load_imbalance_max": max(per_layer),
+               "expert_load_imbalance_per_layer": [round(x, 4) for x in per_layer]}
+        if self.meshes is not None and self.meshes.ep is not None:
+            from parallel.expert_parallel import collect_dropped_tokens
+
+            dropped = collect_dropped_tokens(self.model)  # over the capacity (expert_capacity_factor)
+            if dropped is not None:
+                out["expert_dropped_tokens"] = int(self._sum_dp([float(dropped.sum())])[0])
+        return out
 
     # ---- the loop ------------------------------------------------------------------------------
 
