@@ -343,7 +343,8 @@ PLANS_397B = [
     ("TP + FSDP + EP: tp=2 x dp_shard=32, ep=8", {"tp": 2, "dp_shard": 32, "ep": 8}),
     ("HSDP + EP: dp_replicate=8 x dp_shard=8, ep=8", {"dp_replicate": 8, "dp_shard": 8, "ep": 8}),
     ("HSDP + EP: dp_replicate=2 x dp_shard=32, ep=8", {"dp_replicate": 2, "dp_shard": 32, "ep": 8}),
-    ("tp=8 x dp_shard=8", {"tp": 8, "dp_shard": 8}),
+    ("TP + FSDP: tp=8 x dp_shard=8 (KV heads replicated)", {"tp": 8, "dp_shard": 8}),
+    ("TP + FSDP + EP: tp=8 x dp_shard=8, ep=8", {"tp": 8, "dp_shard": 8, "ep": 8}),
 ]
 
 

@@ -168,7 +168,7 @@ def meta_model(cfg: ModelConfig):
         return Qwen35LM(cfg)
 
 
-def _tp_placement(name: str) -> Optional[str]:
+def _tp_placement(name: str, cfg: ModelConfig, tp: int) -> Optional[str]:
     """'shard0', 'shard1' or 'replicate' for a parameter the TP plan distributes; None: plain."""
     if name in ("embed_tokens.weight", "lm_head.weight"):
         return "shard0"
@@ -189,8 +189,10 @@ def _tp_placement(name: str) -> Optional[str]:
         return "shard1"
     mixer, _, pname = sub.partition(".")
     if mixer == "self_attn":
-        if pname in ("q_proj.weight", "k_proj.weight", "v_proj.weight"):
+        if pname == "q_proj.weight":
             return "shard0"
+        if pname in ("k_proj.weight", "v_proj.weight"):  # replicated when tp > KV heads
+            return "shard0" if tp <= cfg.num_key_value_heads else "replicate"
         if pname in ("q_norm.weight", "k_norm.weight"):
             return "replicate"
         if pname == "o_proj.weight":
@@ -226,7 +228,7 @@ def local_params(cfg: ModelConfig, L: Layout) -> list[Param]:
         if not p.requires_grad:
             continue
         shape = list(p.shape)
-        tp = _tp_placement(name) if L.tp > 1 else None
+        tp = _tp_placement(name, cfg, L.tp) if L.tp > 1 else None
         if tp == "shard0":
             shape[0] //= L.tp
         elif tp == "shard1":
@@ -297,6 +299,9 @@ def tp_collectives(cfg: ModelConfig, L: Layout, g: Groups, spec: StepSpec) -> li
             ar += runs + 1              # shared expert: fwd: row-parallel out; bwd: input grad
         if types[i] == FULL_ATTENTION:
             small += [cfg.head_dim * grad_bytes] * 2                       # q_norm, k_norm
+            if L.tp > cfg.num_key_value_heads:                             # replicated k/v_proj
+                kv = cfg.num_key_value_heads * cfg.head_dim * cfg.hidden_size
+                small += [kv * grad_bytes] * 2
         else:
             small.append(cfg.linear_value_head_dim * grad_bytes)          # gated norm
         small += [cfg.hidden_size * grad_bytes] * 2                        # the SP norms

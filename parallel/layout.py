@@ -144,6 +144,10 @@ def validate_layout(parallel: ParallelConfig, model: ModelConfig, world_size: in
         for fld, why in _tp_split_fields(model):
             value = getattr(model, fld)
             need(value % p.tp == 0, f"parallel.tp={p.tp}: must divide model.{fld}={value} ({why})")
+        kv = model.num_key_value_heads
+        need(kv % p.tp == 0 or p.tp % kv == 0,
+             f"parallel.tp={p.tp}: must divide model.num_key_value_heads={kv} or be a multiple of it "
+             f"(KV heads are split across tensor-parallel ranks, or replicated when fewer)")
         if seq_len is not None and getattr(p, "sequence_parallel", True):
             need(seq_len % p.tp == 0,
                  f"parallel.tp={p.tp}: must divide data.seq_len={seq_len} (sequence parallelism "
@@ -285,7 +289,6 @@ def _check_pipeline(p: ParallelConfig, model: ModelConfig, grad_accum: int | Non
 def _tp_split_fields(model: ModelConfig) -> list[tuple[str, str]]:
     """(model field, why) for every size that tensor parallelism splits across its ranks."""
     out = [("num_attention_heads", "attention heads are split across tensor-parallel ranks"),
-           ("num_key_value_heads", "KV heads are split across tensor-parallel ranks"),
            ("linear_num_key_heads", "Gated DeltaNet key heads are split across tensor-parallel ranks"),
            ("linear_num_value_heads", "Gated DeltaNet value heads are split across tensor-parallel ranks"),
            ("vocab_size", "the embedding and LM head are split by vocabulary")]
@@ -308,8 +311,10 @@ def layout_table(layout: Layout, model: ModelConfig, vision_plan: str = "balance
         return f"{n}->{n // k}"
 
     if tp > 1:
+        kv = (split(m.num_key_value_heads, tp) if tp <= m.num_key_value_heads
+              else f"{m.num_key_value_heads} replicated, 1 used")
         tp_what = (f"attention heads {split(m.num_attention_heads, tp)} per rank, KV heads "
-                   f"{split(m.num_key_value_heads, tp)}, GDN heads k {split(m.linear_num_key_heads, tp)} "
+                   f"{kv}, GDN heads k {split(m.linear_num_key_heads, tp)} "
                    f"v {split(m.linear_num_value_heads, tp)}, vocab {split(m.vocab_size, tp)} "
                    f"(embedding, LM head, cross-entropy); sequence parallel between TP regions"
                    + ("; the ViT is not TP-sharded" if m.vision is not None else ""))

@@ -4,7 +4,8 @@ Between tensor-parallel regions the residual stream is a DTensor sharded along t
 (`Shard(1)`), and the norms there run on the local slice (`SequenceParallel`). Per decoder layer:
 
 - mixers (gated attention, Gated DeltaNet): the input is all-gathered along the sequence, every
-  projection into heads is sharded by head (attention q/k/v heads; DeltaNet q/k/v/z/b/a projections,
+  projection into heads is sharded by head (attention q/k/v heads, with the KV heads replicated when
+  the ranks outnumber them, as Megatron does; DeltaNet q/k/v/z/b/a projections,
   their depthwise conv channels, A_log and dt_bias), so attention and the delta rule run locally on
   this rank's heads; the output projection is row-parallel and reduce-scatters back to `Shard(1)`.
   Norms shared by all heads (q/k norm, the gated norm) keep a replicated weight whose gradient is
@@ -58,7 +59,7 @@ def apply_tensor_parallel(model: Qwen35LM, tp_mesh: DeviceMesh) -> Qwen35LM:
     for layer in model.layers:
         plan = {"input_layernorm": SequenceParallel(), "post_attention_layernorm": SequenceParallel()}
         plan.update(_mixer_plan(layer.mixer, "self_attn" if isinstance(layer.mixer, GatedAttention)
-                                else "linear_attn", tp))
+                                else "linear_attn", tp_mesh))
         plan.update(_mlp_plan(layer.mlp))
         parallelize_module(layer, tp_mesh, plan)
     # The stack takes the replicated embeddings and hands back the full sequence.
@@ -69,12 +70,21 @@ def apply_tensor_parallel(model: Qwen35LM, tp_mesh: DeviceMesh) -> Qwen35LM:
     return model
 
 
-def _mixer_plan(mixer: nn.Module, name: str, tp: int) -> dict:
+def _mixer_plan(mixer: nn.Module, name: str, tp_mesh: DeviceMesh) -> dict:
+    tp = tp_mesh.size()
     if isinstance(mixer, GatedAttention):
-        params = {f"{p}.weight": Shard(0) for p in ("q_proj", "k_proj", "v_proj")}
-        params.update({"q_norm.weight": Partial(), "k_norm.weight": Partial()})
+        params = {"q_proj.weight": Shard(0), "q_norm.weight": Partial(), "k_norm.weight": Partial()}
+        kv = mixer.num_kv_heads
+        if tp <= kv:  # KV heads split like the query heads
+            params.update({"k_proj.weight": Shard(0), "v_proj.weight": Shard(0)})
+            mixer.num_kv_heads //= tp
+        else:  # more ranks than KV heads: each rank computes them all and keeps the one it needs
+            # (Megatron replicates KV heads the same way); their weight grads are summed.
+            params.update({"k_proj.weight": Partial(), "v_proj.weight": Partial()})
+            head = tp_mesh.get_local_rank() // (tp // kv)
+            mixer.kv_heads = slice(head, head + 1)
+            mixer.num_kv_heads = 1
         mixer.num_heads //= tp
-        mixer.num_kv_heads //= tp
         out = "o_proj"
     elif isinstance(mixer, GatedDeltaNet):
         params = {f"in_proj_{p}.weight": Shard(0) for p in "qkvzba"}

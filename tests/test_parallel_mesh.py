@@ -37,7 +37,10 @@ def check(world=4, model=MODEL, seq_len=256, **parallel):
                                     "divisible by parallel.pp*dp_replicate*cp*tp = 1*4*1*1 = 4"),
     (dict(world=3, tp=3), "parallel.tp=3: must divide model.num_attention_heads=8 (attention heads "
                           "are split across tensor-parallel ranks)"),
-    (dict(world=4, tp=4), "parallel.tp=4: must divide model.num_key_value_heads=2"),
+    (dict(world=3, tp=3, seq_len=None,
+          model=replace(MODEL, num_attention_heads=6, linear_num_key_heads=3, linear_num_value_heads=3,
+                        vocab_size=1023, shared_expert_intermediate_size=63)),
+     "parallel.tp=3: must divide model.num_key_value_heads=2 or be a multiple of it"),
     (dict(tp=2, model=replace(MODEL, linear_num_key_heads=1, linear_num_value_heads=4)),
      "parallel.tp=2: must divide model.linear_num_key_heads=1 (Gated DeltaNet key heads"),
     (dict(tp=4, model=replace(MODEL, num_key_value_heads=4, linear_num_key_heads=4,

@@ -30,6 +30,8 @@ def full(t: torch.Tensor) -> torch.Tensor:
 def check_layout(rank: int, world: int, sizes: dict, vision: str, ac: str) -> None:
     cfg = load_model_config("tiny_vl")
     cfg.mtp_num_layers = 1
+    if sizes.get("tp", 1) == 4:  # 4 GDN heads to shard; the 2 KV heads are replicated
+        cfg.linear_num_key_heads = cfg.linear_num_value_heads = 4
     torch.manual_seed(0)
     ref = Qwen35LM(cfg).double()
     model = copy.deepcopy(ref)
@@ -81,6 +83,7 @@ def check_layout(rank: int, world: int, sizes: dict, vision: str, ac: str) -> No
     (2, {"dp_shard": 2, "ep": 2}, "balanced", "none"),             # EP (+ FSDP of the rest)
     (4, {"dp_shard": 2, "tp": 2}, "balanced", "selective"),
     (4, {"dp_shard": 2, "tp": 2, "ep": 2}, "balanced", "none"),
-], ids=["dp2", "dp2-ac", "tp2", "tp2-vision-ac", "ep2", "dp2xtp2", "tp2xep2"])
+    (4, {"tp": 4}, "balanced", "none"),                            # more tp ranks than KV heads
+], ids=["dp2", "dp2-ac", "tp2", "tp2-vision-ac", "ep2", "dp2xtp2", "tp2xep2", "tp4-kv-replicated"])
 def test_layout_matches_one_process(world, sizes, vision, ac):
     run_ranks(world, check_layout, sizes, vision, ac)
