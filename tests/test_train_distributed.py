@@ -62,3 +62,16 @@ def test_accumulation_under_fsdp_equals_one_large_batch(tmp_path):
     acc = train(tmp_path / "acc", 2, *args, "data.batch_size=1", "train.grad_accum=2")
     for key in ("loss", "ce", "grad_norm"):
         assert [r[key] for r in acc] == pytest.approx([r[key] for r in big], rel=2e-5), key
+
+
+@pytest.mark.parametrize("schedule", [["parallel.pp_schedule=1f1b"],
+                                      ["parallel.pp_schedule=interleaved_1f1b",
+                                       "parallel.pp_virtual_stages=2"]], ids=["1f1b", "interleaved"])
+def test_pipeline_run_matches_one_process(tmp_path, schedule):
+    """pp=2 runs the 2 micro-batches of a step through the stages: the losses, gradient norm and
+    expert load of one process accumulating them."""
+    args = ["train.max_steps=3", "checkpoint.interval=0", "train.grad_accum=2"]
+    one = train(tmp_path / "one", 1, *args)
+    pp = train(tmp_path / "pp", 2, *args, "parallel.pp=2", *schedule)
+    for key in ("loss", "ce", "mtp_ce", "moe_aux", "grad_norm", "expert_load_imbalance"):
+        assert [r[key] for r in pp] == pytest.approx([r[key] for r in one], rel=2e-5), key

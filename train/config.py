@@ -136,7 +136,11 @@ def validate_config(cfg: RootConfig) -> RootConfig:
     world = os.environ.get("WORLD_SIZE", "1")
     if not world.isdigit():
         raise ConfigError(f"WORLD_SIZE={world!r}: must be a positive integer (torchrun sets it)")
-    validate_layout(cfg.parallel, cfg.model, int(world), cfg.data.seq_len)
+    validate_layout(cfg.parallel, cfg.model, int(world), cfg.data.seq_len, grad_accum=t.grad_accum)
+    if cfg.parallel.pp > 1 and t.heldout_caption_docs:
+        raise ConfigError(f"train.heldout_caption_docs={t.heldout_caption_docs}: the held-out caption "
+                          f"check runs the whole model in one forward, not through the pipeline; set "
+                          f"it to 0 with parallel.pp={cfg.parallel.pp}")
     validate_precision(cfg.precision, cfg.model.num_layers, t.device)
     if (cfg.precision.backend == "emulated" and cfg.precision.grouped_experts
             and cfg.parallel.ep > 1):

@@ -9,6 +9,7 @@ the same way; metrics are written by rank 0."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -64,10 +65,20 @@ class Trainer:
                                                              amax_reduction_group=amax_group)
         log.info("%s", precision_table)
         dp_rank, dp_size, self.world = 0, 1, 1
-        if self.meshes is not None:
+        self.pipeline = None
+        if self.meshes is not None and cfg.parallel.pp > 1:
+            from parallel.layout import pipeline_microbatches
+            from parallel.pipeline import build_pipeline
+
+            self.pipeline = build_pipeline(self.model, self.meshes, cfg.parallel, self.device,
+                                           pipeline_microbatches(cfg.parallel, cfg.train.grad_accum))
+            self.pipeline.set_forward_context(self._forward_context)
+            self.model = self.pipeline.model  # this rank's stages, with the full model's names
+        elif self.meshes is not None:
             from parallel.plan import parallelize
 
             parallelize(self.model, self.meshes, cfg.parallel, self.device)
+        if self.meshes is not None:
             dp_rank, dp_size, self.world = self.meshes.dp_rank, self.meshes.dp_size, self.meshes.layout.world
         self.dp_size = dp_size
         self.optimizer = build_optimizer(self.model, cfg.train)
@@ -84,6 +95,11 @@ class Trainer:
                  cfg.model.name, counts.total / 1e6, counts.active / 1e6, self.flops_per_token)
         log.info("device %s, autocast %s, peak %.3g FLOP/s (%s)", self.device,
                  self.amp_dtype or "off (fp32)", self.peak_flops, peak_source)
+
+    @contextlib.contextmanager
+    def _forward_context(self):
+        with autocast(self.device, self.amp_dtype), self.fp8_autocast():
+            yield
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
@@ -142,31 +158,11 @@ class Trainer:
         local_tokens = sum(b["num_tokens"] for b in batches)
         # Loss tokens of the global batch: every data-parallel rank weights by the same total.
         total_tokens = max(self._sum_dp([local_tokens])[0], 1)
-        sums: dict[str, float] = {}
-        modality = {"ce_after_vision": [0.0, 0], "ce_text": [0.0, 0]}  # [CE x tokens, tokens]
         self.optimizer.zero_grad(set_to_none=True)
-        fsdp = hasattr(self.model, "set_requires_gradient_sync")
-        for i, b in enumerate(batches):
-            if fsdp:  # reduce-scatter the gradients once, after the last micro-batch
-                self.model.set_requires_gradient_sync(i == len(batches) - 1)
-            # Token-weighted so that accumulation (and data parallelism) equals one large batch.
-            weight = b["num_tokens"] / total_tokens
-            visual = {k: b[k].to(self.device) for k in VISUAL_KEYS if b.get(k) is not None}
-            with autocast(self.device, self.amp_dtype), self.fp8_autocast():
-                out = self.model(b["input_ids"].to(self.device),
-                                 position_ids=b["position_ids"].to(self.device),
-                                 cu_seqlens=b["cu_seqlens"].to(self.device),
-                                 labels=b["labels"].to(self.device), **visual)
-            (out.loss * weight).backward()
-            for name in ("loss", "ce", "mtp_ce", "moe_aux", "moe_z"):
-                value = getattr(out, name)
-                if value is not None:
-                    sums[name] = sums.get(name, 0.0) + weight * value.detach().float().item()
-            for name, n in (("ce_after_vision", out.num_tokens_after_vision),
-                            ("ce_text", out.num_tokens_text)):
-                if getattr(out, name) is not None and n:
-                    modality[name][0] += getattr(out, name).float().item() * n
-                    modality[name][1] += n
+        if self.pipeline is not None:  # the schedule runs the micro-batches through the stages
+            sums, modality = self.pipeline.step(batches, total_tokens)
+        else:
+            sums, modality = self._forward_backward(batches, total_tokens)
 
         names = sorted(sums)
         sums = dict(zip(names, self._sum_dp([sums[n] for n in names])))
@@ -189,10 +185,12 @@ class Trainer:
             vision_metrics["vision_grad_norm"] = float(global_grad_norm(
                 [p for p in self.model.visual.parameters() if p.grad is not None]))
 
+        # Under pipeline parallelism each rank holds some stages: the norm sums over them.
+        norm = self.pipeline.grad_norm(params) if self.pipeline is not None else None
         if cfg.grad_clip > 0:
-            grad_norm = float(clip_grad_norm_(params, cfg.grad_clip))
+            grad_norm = float(clip_grad_norm_(params, cfg.grad_clip, norm=norm))
         else:
-            grad_norm = float(global_grad_norm(params))
+            grad_norm = float(norm if norm is not None else global_grad_norm(params))
         lr = self.scheduler.get_last_lr()[0]
 
         finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
@@ -219,6 +217,35 @@ class Trainer:
         record.update(self._expert_load_metrics(finite))
         return record
 
+    def _forward_backward(self, batches: list[dict], total_tokens: int):
+        """Forward and backward of each micro-batch, weighted by its share of the global batch's
+        loss tokens. -> (token-weighted sums of the logged losses, per-modality [CE x n, n])."""
+        sums: dict[str, float] = {}
+        modality = {"ce_after_vision": [0.0, 0], "ce_text": [0.0, 0]}  # [CE x tokens, tokens]
+        fsdp = hasattr(self.model, "set_requires_gradient_sync")
+        for i, b in enumerate(batches):
+            if fsdp:  # reduce-scatter the gradients once, after the last micro-batch
+                self.model.set_requires_gradient_sync(i == len(batches) - 1)
+            # Token-weighted so that accumulation (and data parallelism) equals one large batch.
+            weight = b["num_tokens"] / total_tokens
+            visual = {k: b[k].to(self.device) for k in VISUAL_KEYS if b.get(k) is not None}
+            with self._forward_context():
+                out = self.model(b["input_ids"].to(self.device),
+                                 position_ids=b["position_ids"].to(self.device),
+                                 cu_seqlens=b["cu_seqlens"].to(self.device),
+                                 labels=b["labels"].to(self.device), **visual)
+            (out.loss * weight).backward()
+            for name in ("loss", "ce", "mtp_ce", "moe_aux", "moe_z"):
+                value = getattr(out, name)
+                if value is not None:
+                    sums[name] = sums.get(name, 0.0) + weight * value.detach().float().item()
+            for name, n in (("ce_after_vision", out.num_tokens_after_vision),
+                            ("ce_text", out.num_tokens_text)):
+                if getattr(out, name) is not None and n:
+                    modality[name][0] += getattr(out, name).float().item() * n
+                    modality[name][1] += n
+        return sums, modality
+
     def _sum_dp(self, values: list[float]) -> list[float]:
         """Sum over the data-parallel ranks (tensor-parallel ranks hold the same values)."""
         return sum_over(values, self.meshes.loss if self.meshes is not None else None)
@@ -238,13 +265,17 @@ class Trainer:
         return out
 
     def _expert_load_metrics(self, update_bias: bool) -> dict[str, Any]:
-        load = collect_expert_load(self.model)
+        load = (self.pipeline.collect_expert_load() if self.pipeline is not None
+                else collect_expert_load(self.model))
         if load is None:
             return {}
         if self.meshes is not None:  # the routing decisions of every data-parallel rank
             load = torch.tensor(self._sum_dp(load.flatten().tolist())).view_as(load)
         if update_bias and self.cfg.model.router_bias_balancing:
-            update_router_bias(self.model, load, self.cfg.model.router_bias_update_rate)
+            if self.pipeline is not None:
+                self.pipeline.update_router_bias(load, self.cfg.model.router_bias_update_rate)
+            else:
+                update_router_bias(self.model, load, self.cfg.model.router_bias_update_rate)
         per_layer = (load.max(dim=1).values / load.mean(dim=1).clamp(min=1e-9)).tolist()
         out = {"expert_load_imbalance": sum(per_layer) / len(per_layer),
                "expert_load_imbalance_max": max(per_layer),
