@@ -127,6 +127,8 @@ TP2 = ("tp2", 2, ["parallel.tp=2"])
 ONE = ("one", 1, [])
 EP2 = ("dp2-ep2", 2, ["parallel.dp_shard=2", "parallel.ep=2"])
 DP2 = ("dp2", 2, ["parallel.dp_shard=2"])  # ep=1
+ONE_GA2 = ("one-ga2", 1, ["train.grad_accum=2"])
+PP2 = ("pp2", 2, ["parallel.pp=2", "train.grad_accum=2"])  # the step's 2 micro-batches pipelined
 
 
 def _cached_run(cache, layout, steps: int):
@@ -154,8 +156,8 @@ def cache(tmp_path_factory):
 
 
 @pytest.mark.parametrize("old,new,ref", [
-    (TP2, ONE, ONE), (ONE, TP2, ONE), (EP2, DP2, EP2),
-], ids=["tp2-to-1", "1-to-tp2", "dp2-ep2-to-dp2-ep1"])
+    (TP2, ONE, ONE), (ONE, TP2, ONE), (EP2, DP2, EP2), (PP2, ONE_GA2, ONE_GA2),
+], ids=["tp2-to-1", "1-to-tp2", "dp2-ep2-to-dp2-ep1", "pp2-to-1"])
 def test_resume_in_another_layout_continues_the_same_losses(tmp_path, cache, old, new, ref):
     """3 steps in the old layout + 3 in the new equal 6 uninterrupted steps (reduction order
     differs between layouts: fp32 tolerance). tp=2 logs the losses of one process (see
