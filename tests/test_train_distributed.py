@@ -38,8 +38,10 @@ def test_tensor_parallel_run_matches_one_process(tmp_path):
     assert [r["tokens"] for r in tp] == [r["tokens"] for r in one]
 
 
-@pytest.mark.parametrize("layout", [["parallel.dp_shard=2", "parallel.ep=2"], ["parallel.tp=2"]],
-                         ids=["dp2-ep2", "tp2"])
+@pytest.mark.parametrize("layout", [
+    pytest.param(["parallel.dp_shard=2", "parallel.ep=2"], id="dp2-ep2"),
+    pytest.param(["parallel.tp=2"], id="tp2", marks=pytest.mark.slow),  # tests/test_reshard.py too
+])
 def test_resume_in_the_same_layout_is_exact(tmp_path, layout):
     """6 steps in one go equal 3 steps, a sharded checkpoint, and 3 more."""
     full = train(tmp_path / "full", 2, "train.max_steps=6", "checkpoint.interval=0", *layout)
@@ -64,9 +66,12 @@ def test_accumulation_under_fsdp_equals_one_large_batch(tmp_path):
         assert [r[key] for r in acc] == pytest.approx([r[key] for r in big], rel=2e-5), key
 
 
-@pytest.mark.parametrize("schedule", [["parallel.pp_schedule=1f1b"],
-                                      ["parallel.pp_schedule=interleaved_1f1b",
-                                       "parallel.pp_virtual_stages=2"]], ids=["1f1b", "interleaved"])
+@pytest.mark.parametrize("schedule", [
+    pytest.param(["parallel.pp_schedule=1f1b"], id="1f1b"),
+    # tests/test_pipeline.py checks the interleaved schedule against one process in fp64
+    pytest.param(["parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2"],
+                 id="interleaved", marks=pytest.mark.slow),
+])
 def test_pipeline_run_matches_one_process(tmp_path, schedule):
     """pp=2 runs the 2 micro-batches of a step through the stages: the losses, gradient norm and
     expert load of one process accumulating them."""
