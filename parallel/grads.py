@@ -26,11 +26,11 @@ def match_grad_placements(params: Iterable[torch.Tensor]) -> None:
 
 
 @torch.no_grad()
-def global_grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
-    """The L2 norm of all gradients as one vector, whatever their sharding. A DTensor gradient's
+def grad_square_sum(params: Iterable[torch.Tensor]) -> float:
+    """The sum of squares of all gradients, in fp64, whatever their sharding. A DTensor gradient's
     local squared norm is summed over every dimension of its mesh and divided by the number of
     copies (the product of its non-sharded dimensions' sizes), which counts each element once for
-    any mix of Shard, _StridedShard and Replicate. Returns an fp32 scalar, equal on all ranks."""
+    any mix of Shard, _StridedShard and Replicate. Equal on all ranks of those meshes."""
     groups: dict[tuple, list[torch.Tensor]] = defaultdict(list)
     for p in params:
         g = p.grad
@@ -51,7 +51,13 @@ def global_grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
             for d in range(mesh.ndim):
                 collectives.all_reduce(sq, f"grad-norm all_reduce over {names[d]}", mesh.get_group(d))
         total += float(sq) / copies
-    return torch.tensor(total, dtype=torch.float64).sqrt().float()
+    return total
+
+
+@torch.no_grad()
+def global_grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all gradients as one vector (see grad_square_sum): an fp32 scalar."""
+    return torch.tensor(grad_square_sum(params), dtype=torch.float64).sqrt().float()
 
 
 @torch.no_grad()

@@ -41,8 +41,6 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.placement_types import _StridedShard
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (Schedule1F1B, ScheduleGPipe,
                                                     ScheduleInterleaved1F1B,
@@ -53,6 +51,7 @@ from model.language_model import Qwen35LM
 from model.moe import SparseMoE, routers
 from parallel.activation_checkpoint import apply_activation_checkpoint
 from parallel.config import ParallelConfig
+from parallel.grads import grad_square_sum
 from parallel.layout import stage_layer_counts
 from parallel.pipeline_stage import LocalStages, PipelineStageModule, stage_layer_ranges
 from parallel.plan import fsdp_param_dtype
@@ -308,7 +307,7 @@ class PipelineRunner:
         """The global gradient norm over all stages (fp32 scalar, equal on all ranks): pass it to
         parallel.grads.clip_grad_norm_(params, max_norm, norm=...)."""
         params = list(self.model.parameters()) if params is None else params
-        sq = torch.tensor(_grad_sq_sum(params), dtype=torch.float64, device=self.device)
+        sq = torch.tensor(grad_square_sum(params), dtype=torch.float64, device=self.device)
         dist.all_reduce(sq, group=self.group)  # the stages hold disjoint parameters
         return sq.sqrt().float().cpu()
 
@@ -334,33 +333,6 @@ class PipelineRunner:
                 if r.use_bias_balancing:
                     row = load[self._router_rows[id(r)]].to(r.expert_bias.device)
                     r.expert_bias += rate * torch.sign(row.mean() - row)
-
-
-@torch.no_grad()
-def _grad_sq_sum(params: list[torch.Tensor]) -> float:
-    """Sum of squared gradients over this stage's parameters and their data/tensor-parallel
-    shards, in fp64: parallel.grads.global_grad_norm before its sqrt and fp32 rounding (rounding
-    each stage's norm first would change the clipping factor in the 8th digit)."""
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for p in params:
-        g = p.grad
-        if g is None:
-            continue
-        if isinstance(g, DTensor):
-            copies = 1
-            for size, pl in zip(g.device_mesh.shape, g.placements):
-                copies *= 1 if (pl.is_shard() or isinstance(pl, _StridedShard)) else size
-            groups.setdefault((g.device_mesh, copies), []).append(g.to_local())
-        else:
-            groups.setdefault((None, 1), []).append(g)
-    total = 0.0
-    for (mesh, copies), grads in groups.items():
-        sq = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads]).square().sum()
-        if mesh is not None:
-            for d in range(mesh.ndim):
-                dist.all_reduce(sq, group=mesh.get_group(d))
-        total += float(sq) / copies
-    return total
 
 
 def _weighted(loss: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
