@@ -31,7 +31,7 @@ def test_caption_loss_gap_runs_on_heldout_batches():
 
 def test_heldout_caption_mask_and_shuffled_images():
     cfg = load_config(["experiment=smoke_cpu", "data.seq_len=128", "data.batch_size=2"])
-    batches = heldout_batches(cfg.data, 12)
+    batches = heldout_batches(cfg.data, 40)
     tok = load_tokenizer(None)
     targets = [b["labels"][b["caption_mask"]].tolist() for b in batches]
     assert all(t > 5 for ts in targets for t in ts)  # text, never a special token
