@@ -49,12 +49,11 @@ from torch.distributed.pipelining.schedules import (Schedule1F1B, ScheduleGPipe,
 
 from model.language_model import Qwen35LM
 from model.moe import SparseMoE, routers
-from parallel.activation_checkpoint import apply_activation_checkpoint
 from parallel.config import ParallelConfig
 from parallel.grads import grad_square_sum
 from parallel.layout import stage_layer_counts
 from parallel.pipeline_stage import LocalStages, PipelineStageModule, stage_layer_ranges
-from parallel.plan import fsdp_param_dtype
+from parallel.plan import apply_module_plans, fsdp_param_dtype
 
 log = logging.getLogger("parallel")
 
@@ -81,21 +80,8 @@ def parallelize_pipeline(model: Qwen35LM, meshes, pcfg: ParallelConfig,
                          device: torch.device) -> list[PipelineStageModule]:
     """Apply the plans to `model` (built whole, same weights on every rank) and return this rank's
     stages, sharded. The model object itself is not used afterwards."""
-    # 1-3. EP, TP + SP, the vision plan: per module, on the whole model (as parallel/plan.py).
-    if meshes.ep is not None:
-        from parallel.expert_parallel import apply_expert_parallel
-
-        apply_expert_parallel(model, meshes.ep, pcfg.expert_capacity_factor)
-    if meshes.tp is not None:
-        from parallel.tensor_parallel import apply_tensor_parallel
-
-        apply_tensor_parallel(model, meshes.tp)
-    if model.visual is not None and meshes.vision is not None:
-        from parallel.vision_plan import apply_vision_plan
-
-        apply_vision_plan(model, meshes.vision, pcfg.vision.name)
-    # 4. Activation checkpointing, by global layer index (selective picks the same layers as pp=1).
-    apply_activation_checkpoint(model.layers, pcfg.activation_checkpoint, pcfg.selective_ac_every)
+    # 1-4. EP, TP + SP, the vision plan, activation checkpointing: per module, on the whole model.
+    apply_module_plans(model, meshes, pcfg)
 
     # 5. Cut out this rank's stages.
     counts = stage_layer_counts(pcfg, model.cfg.num_layers)

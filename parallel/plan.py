@@ -24,8 +24,9 @@ def fsdp_param_dtype(name: str, device: torch.device) -> Optional[torch.dtype]:
     return None
 
 
-def parallelize(model: Qwen35LM, meshes, pcfg: ParallelConfig, device: torch.device) -> Qwen35LM:
-    """`meshes` is parallel.mesh.Meshes (tp, ep, vision, fsdp, expert_fsdp, dp_size)."""
+def apply_module_plans(model: Qwen35LM, meshes, pcfg: ParallelConfig) -> None:
+    """The plans that work per module on the whole model: EP, TP + SP, the vision plan and
+    activation checkpointing (by global layer index). FSDP (or the pipeline cut) comes after."""
     if meshes.ep is not None:
         from parallel.expert_parallel import apply_expert_parallel
 
@@ -42,6 +43,11 @@ def parallelize(model: Qwen35LM, meshes, pcfg: ParallelConfig, device: torch.dev
     if n:
         log.info("activation checkpointing (%s): %d of %d decoder layers", pcfg.activation_checkpoint,
                  n, len(model.layers))
+
+
+def parallelize(model: Qwen35LM, meshes, pcfg: ParallelConfig, device: torch.device) -> Qwen35LM:
+    """`meshes` is parallel.mesh.Meshes (tp, ep, vision, fsdp, expert_fsdp, dp_size)."""
+    apply_module_plans(model, meshes, pcfg)
     if meshes.fsdp is not None and meshes.fsdp.size() > 1:
         apply_fsdp(model, meshes.fsdp, param_dtype=fsdp_param_dtype(pcfg.param_dtype, device),
                    reshard_after_forward=pcfg.reshard_after_forward,
