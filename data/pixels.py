@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from model.vision_processing import (IMAGE_MEAN, IMAGE_STD, VisualInput, patchify, resize,
-                                     sample_frame_indices, smart_resize, temporal_patch_timestamps)
+                                     smart_resize, video_to_patches)
 
 
 def image_patches(image: torch.Tensor, patch_size: int, temporal_patch_size: int, merge_size: int,
@@ -38,20 +38,8 @@ def video_patches(frames: torch.Tensor, video_fps: float, fps: Optional[float], 
                   min_frames: int, max_frames: int) -> VisualInput:
     """Decoded frames [F, C, H, W] uint8 -> VisualInput of uint8 patches; `process_video` without
     its normalisation."""
-    if fps is None:
-        indices = list(range(frames.shape[0]))
-    else:
-        indices = sample_frame_indices(frames.shape[0], video_fps, fps, min_frames, max_frames)
-    x = frames[indices]
-    height, width = smart_resize(x.shape[-2], x.shape[-1], patch_size * merge_size, min_pixels,
-                                 max_pixels, num_frames=len(indices),
-                                 temporal_factor=temporal_patch_size)
-    x = resize(x, height, width)
-    if pad := -x.shape[0] % temporal_patch_size:  # an odd count: repeat the last frame
-        x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
-    pixels, grid = patchify(x, patch_size, temporal_patch_size, merge_size)
-    return VisualInput(pixels, grid, "video",
-                       temporal_patch_timestamps(indices, video_fps, temporal_patch_size))
+    return video_to_patches(frames, video_fps, fps, patch_size, temporal_patch_size, merge_size,
+                            min_pixels, max_pixels, min_frames, max_frames)
 
 
 def normalize_patches(pixels: torch.Tensor, mean: Sequence[float] = IMAGE_MEAN,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -162,6 +162,18 @@ def process_video(frames: torch.Tensor, video_fps: float, fps: Optional[float] =
                   mean: Sequence[float] = IMAGE_MEAN, std: Sequence[float] = IMAGE_STD) -> VisualInput:
     """Decoded frames [F, C, H, W] at `video_fps` -> VisualInput (kind "video") with grid (t, h, w)
     and one timestamp per temporal patch. fps=None keeps every frame."""
+    return video_to_patches(frames, video_fps, fps, patch_size, temporal_patch_size, merge_size,
+                            min_pixels, max_pixels, min_frames, max_frames,
+                            transform=lambda x: normalize(x, mean, std))
+
+
+def video_to_patches(frames: torch.Tensor, video_fps: float, fps: Optional[float], patch_size: int,
+                     temporal_patch_size: int, merge_size: int, min_pixels: int, max_pixels: int,
+                     min_frames: int, max_frames: int,
+                     transform: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> VisualInput:
+    """`process_video`'s steps (sample frames, resize, pad to the temporal patch, patchify) with
+    `transform` applied to the resized frames: normalisation, or nothing for data/pixels.py, which
+    keeps uint8 patches and normalises whole batches later."""
     if fps is None:
         indices = list(range(frames.shape[0]))
     else:
@@ -170,7 +182,7 @@ def process_video(frames: torch.Tensor, video_fps: float, fps: Optional[float] =
     height, width = smart_resize(x.shape[-2], x.shape[-1], patch_size * merge_size, min_pixels,
                                  max_pixels, num_frames=len(indices),
                                  temporal_factor=temporal_patch_size)
-    x = normalize(resize(x, height, width), mean, std)
+    x = transform(resize(x, height, width))
     if pad := -x.shape[0] % temporal_patch_size:  # an odd count: repeat the last frame
         x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
     pixels, grid = patchify(x, patch_size, temporal_patch_size, merge_size)
