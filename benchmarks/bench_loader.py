@@ -1,8 +1,11 @@
 """The streaming loader against bare webdataset + pillow decoding of the same shards.
 
-    python benchmarks/bench_loader.py [--docs 1024] [--rounds 3]
+    python benchmarks/bench_loader.py [--docs 1024] [--rounds 3] [--data smoke|photos]
 
-Writes synthetic shards (data/synthetic.py) to a temp dir, then times, round-robin in one process:
+Writes shards to a temp dir: `smoke`, the smoke run's synthetic shards (data/synthetic.py: 96x96
+PNG shapes, 8x64x64 GIF clips, text); `photos`, image-caption documents with 320x240 JPEG photos
+(smooth random scenes plus sensor noise, ~quality 90), the size class of web image-text data after
+the usual resizing. Then times, round-robin in one process:
 - baseline: `webdataset.WebDataset(urls)` iterating the raw samples and decoding every image (and
   every GIF frame) to an RGB array with pillow: the decode cost any loader pays;
 - the project's loader (experiment smoke_cpu's data config: B=8, T=256) with 0, 1 and 2
@@ -38,7 +41,7 @@ def bare_decode(urls: list[str], n: int) -> tuple[float, int, None, float]:
     seen = 0
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
         for key, value in sample.items():
-            if key.endswith(".png"):
+            if key.endswith((".png", ".jpg")):
                 np.asarray(Image.open(io.BytesIO(value)).convert("RGB"))
             elif key.endswith(".gif"):
                 for frame in ImageSequence.Iterator(Image.open(io.BytesIO(value))):
@@ -47,6 +50,26 @@ def bare_decode(urls: list[str], n: int) -> tuple[float, int, None, float]:
         if seen == n:
             break
     return time.perf_counter() - t0, seen, None, time.process_time() - c0
+
+
+def write_photos(out_dir: str, num_shards: int, docs_per_shard: int, seed: int = 11) -> list[str]:
+    """Image-caption documents with 320x240 JPEG photos; -> the shard paths."""
+    from data.format import ShardSink, encode_sample
+
+    rng = np.random.default_rng(seed)
+    sink = ShardSink(out_dir, max_bytes=docs_per_shard * 24_000)
+    for i in range(num_shards * docs_per_shard):
+        # A smooth scene (bilinear upsampling of a coarse random grid) plus noise: JPEG sizes of
+        # real photos (~20 kB here), not those of flat synthetic shapes.
+        coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((320, 240), Image.BILINEAR)
+        pixels = np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 13, (240, 320, 3))
+        buf = io.BytesIO()
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+        caption = " ".join(f"word{int(w)}" for w in rng.integers(0, 500, rng.integers(8, 30)))
+        sink.write(f"{i:08d}", encode_sample(f"{i:08d}", [{"image": buf.getvalue(), "ext": "jpg"},
+                                                          {"text": caption}]))
+    sink.close()
+    return sink.paths
 
 
 def loader_run(cfg: DataConfig, n: int) -> tuple[float, int, int, float]:
@@ -92,11 +115,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--docs", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--data", choices=("smoke", "photos"), default="smoke")
     args = ap.parse_args()
     load = OtherLoad()
     with tempfile.TemporaryDirectory() as d:
-        urls = write_synthetic(d, seed=11, num_shards=8, docs_per_shard=256)
-        base = dict(name="webdataset", shards=f"{d}/shard-{{000000..000007}}.tar", seq_len=256,
+        if args.data == "smoke":
+            urls = write_synthetic(d, seed=11, num_shards=8, docs_per_shard=256)
+        else:
+            urls = write_photos(d, num_shards=4, docs_per_shard=256)
+        base = dict(name="webdataset", shards=urls[0] if len(urls) == 1 else
+                    f"{d}/shard-{{000000..{len(urls) - 1:06d}}}.tar", seq_len=256,
                     batch_size=8, image_min_pixels=1024, video_min_pixels=1024)
         runs = {"bare webdataset + pillow decode": lambda: bare_decode(urls, args.docs)}
         for w in (0, 1, 2):
@@ -122,8 +150,10 @@ def main() -> None:
                          cpu, f"{tok_s / need:.0f}x"])
         else:
             rows.append([k, f"{1 / per_doc:.0f}", "-", "1.00x", "1.00x", "-"])
-    print(f"loader vs bare decode, {args.docs} synthetic documents per run (images 96x96 png, clips "
-          f"8x64x64 gif), B=8 T=256, median of {args.rounds} rounds")
+    what = ("smoke shards (images 96x96 png, clips 8x64x64 gif, text)" if args.data == "smoke" else
+            "image-caption documents (320x240 jpeg photos)")
+    print(f"loader vs bare decode, {args.docs} documents per run, {what}, B=8 T=256, "
+          f"median of {args.rounds} rounds")
     print(markdown_table(["pipeline", "docs/s", "tokens/s", "wall time per doc vs bare",
                           "CPU time per doc vs bare", "vs smoke trainer need"], rows))
     print(f"bare decode: {bare_per_doc * 1e6:.0f} us wall, {bare_cpu_per_doc * 1e6:.0f} us CPU per document")

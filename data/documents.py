@@ -27,7 +27,7 @@ from model.vision_tokens import VisionTokenIds, image_token_ids, num_visual_toke
 class VisualItem:
     start: int  # first token of the item's layout (video: its first timestamp text) in the document
     end: int  # one past its last token (<|vision_end|>)
-    visual: VisualInput  # pixel_values: uint8 patches (data/pixels.py), normalised at collate
+    visual: VisualInput  # uint8 patches (data/pixels.py; a still image: one frame)
     num_tokens: int  # merged visual tokens (pads)
 
 
@@ -88,7 +88,7 @@ class DocumentBuilder:
                 if oversized:
                     self.count("oversized_image")
                 try:
-                    vis = image_patches(pixels, c.patch_size, c.temporal_patch_size, merge,
+                    vis = image_patches(pixels, c.patch_size, merge,
                                         c.image_min_pixels, c.image_max_pixels)
                 except ValueError as e:  # e.g. an aspect ratio over 200
                     raise BadSample("bad_image", f"image {seg['key']!r}: {e}") from None

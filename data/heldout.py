@@ -45,7 +45,8 @@ def heldout_batches(cfg: DataConfig, num_docs: int) -> list[dict]:
     rows = []
     while (row := packer.next_row(lambda: next(docs, None))) is not None:
         rows.append(row)
-    batches = [collate_rows(rows[i:i + cfg.batch_size], builder.ids, cfg.merge_size)
+    batches = [collate_rows(rows[i:i + cfg.batch_size], builder.ids, cfg.merge_size, cfg.patch_size,
+                            cfg.temporal_patch_size)
                for i in range(0, len(rows), cfg.batch_size)]
     for b in batches:
         b["caption_mask"] = caption_mask(b["input_ids"], b["labels"], builder.ids.vision_end, captions)

@@ -21,7 +21,7 @@ import torch
 
 from data.documents import Document
 from data.packing import IGNORE_INDEX
-from data.pixels import normalize_patches
+from data.pixels import batch_patches
 from model.mrope import mrope_position_ids
 from model.vision_processing import VisualInput
 from model.vision_tokens import VisionTokenIds
@@ -117,13 +117,14 @@ class MultimodalPacker:
         return row
 
 
-def collate_rows(rows: list[MMRow], ids: VisionTokenIds, merge_size: int = 2) -> dict:
+def collate_rows(rows: list[MMRow], ids: VisionTokenIds, merge_size: int = 2, patch_size: int = 16,
+                 temporal_patch_size: int = 2) -> dict:
     """Rows -> batch of CPU tensors (B = len(rows), T = seq_len):
 
     ``input_ids`` [B, T]; ``labels`` [B, T] (shifted; -100 at segment ends, padding, visual pads
     and targets that are visual pads); ``position_ids`` [3, B, T] (M-RoPE t, h, w, restarting per
     segment); ``cu_seqlens`` [N+1]; ``num_tokens`` (labels != -100); ``pixel_values`` [Pi, C*Tp*P*P]
-    float32 and ``image_grid_thw`` [Ni, 3], ``pixel_values_videos`` / ``video_grid_thw`` (images and
+    uint8 (raw patches: the vision model normalises them on its device) and ``image_grid_thw`` [Ni, 3], ``pixel_values_videos`` / ``video_grid_thw`` (images and
     videos in order of appearance over the flattened batch; absent when there are none);
     ``source_tokens`` {source: non-pad tokens}.
 
@@ -150,8 +151,7 @@ def collate_rows(rows: list[MMRow], ids: VisionTokenIds, merge_size: int = 2) ->
                                 ("pixel_values_videos", "video_grid_thw", "videos")):
         items = [v for r in rows for v in getattr(r, kind)]
         if items:
-            pixels = torch.cat([v.pixel_values for v in items])
-            batch[key] = normalize_patches(pixels) if pixels.dtype == torch.uint8 else pixels
+            batch[key] = batch_patches(items, patch_size, temporal_patch_size)
             batch[grid_key] = torch.tensor([v.grid_thw for v in items], dtype=torch.long)
     if all(r.positions is not None for r in rows):
         batch["position_ids"] = torch.from_numpy(np.stack(

@@ -167,7 +167,8 @@ class SlotPipeline:
             T, pad = self.cfg.seq_len, self.tokenizer.pad_id
             rows += [MMRow([pad] * T, [T], T) for _ in range(self.cfg.batch_size - len(rows))]
         self.batches += 1
-        return collate_rows(rows, self.ids, self.cfg.merge_size)
+        return collate_rows(rows, self.ids, self.cfg.merge_size, self.cfg.patch_size,
+                           self.cfg.temporal_patch_size)
 
     def state_dict(self) -> dict[str, Any]:
         carry = self.packer.carry

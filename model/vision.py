@@ -9,6 +9,10 @@ the block in raster order): the released processors' order, which lets the merge
 consecutive rows as one merged token. Module and parameter names are the released ones
 (`patch_embed.proj`, `pos_embed`, `blocks.i.attn.qkv`, `merger.linear_fc1`, ...), so a Hugging Face
 `model.visual.*` state dict loads as is.
+
+`pixel_values` are either normalised floats (the processors' output) or the raw uint8 patches the
+data loader sends: those are normalised here, on the model's device, where it costs one fused
+elementwise pass instead of loader time, and the host-to-device copy is a quarter of the bytes.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.vision_config import VisionConfig
+from model.vision_processing import normalize_patches
 
 
 def grid_list(grid_thw: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -170,8 +175,9 @@ class PatchMerger(nn.Module):
 
 
 class VisionEncoder(nn.Module):
-    """pixel_values [N, C*Tp*P*P], grid_thw [M, 3] -> merged visual tokens [N/4, out_hidden_size],
-    items concatenated in grid_thw order (item i contributes t*h*w/4 rows)."""
+    """pixel_values [N, C*Tp*P*P] (float, normalised; or uint8, raw), grid_thw [M, 3] -> merged
+    visual tokens [N/4, out_hidden_size], items concatenated in grid_thw order (item i contributes
+    t*h*w/4 rows)."""
 
     def __init__(self, cfg: VisionConfig, out_hidden_size: int):
         super().__init__()
@@ -225,6 +231,8 @@ class VisionEncoder(nn.Module):
         if pixel_values.shape[0] != expected:
             raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches but grid_thw "
                              f"{grids} describes {expected}")
+        if pixel_values.dtype == torch.uint8:
+            pixel_values = normalize_patches(pixel_values)
         x = self.patch_embed(pixel_values)
         x = x + self.position_embeddings(grids).to(x.dtype)
         cos, sin = self.rotary(grids)

@@ -308,22 +308,25 @@ def _check_batches(syn, tok):
 
 
 def test_loader_fast_paths_match_the_model_reference(tok):
-    """data/pixels.py (uint8 patches, normalised per batch) and data/positions.py (M-RoPE per
+    """data/pixels.py (uint8 patches, normalised by the model) and data/positions.py (M-RoPE per
     document, reused for its pieces) give exactly what model/vision_processing.py and
     model/mrope.py give."""
     from data.documents import DocumentBuilder
-    from data.pixels import image_patches, normalize_patches, video_patches
+    from data.pixels import batch_patches, image_patches, video_patches
     from data.synthetic import motion_video
-    from model.vision_processing import process_image, process_video
+    from model.vision_processing import normalize_patches, process_image, process_video
 
     g = torch.Generator().manual_seed(0)
+    refs, gots = [], []
     for h, w, min_pixels in ((64, 96, 1024), (40, 70, 1024), (40, 70, 65536)):  # as is, down, up
         # [3, H, W] over [H, W, 3] memory, as decoded
         img = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).permute(2, 0, 1)
-        ref = process_image(img, 16, 2, 2, min_pixels, 1 << 20)
-        got = image_patches(img, 16, 2, 2, min_pixels, 1 << 20)
-        assert got.grid_thw == ref.grid_thw
-        assert torch.equal(normalize_patches(got.pixel_values), ref.pixel_values)
+        refs.append(process_image(img, 16, 2, 2, min_pixels, 1 << 20))
+        gots.append(image_patches(img, 16, 2, min_pixels, 1 << 20))
+        assert gots[-1].grid_thw == refs[-1].grid_thw
+    # A batch's images: each single frame repeated over the temporal patch as it is copied.
+    assert torch.equal(normalize_patches(batch_patches(gots, 16, 2)),
+                       torch.cat([r.pixel_values for r in refs]))
     frames = torch.randint(0, 256, (7, 48, 64, 3), generator=g, dtype=torch.uint8).permute(0, 3, 1, 2)
     for fps, max_pixels in ((2.0, 1 << 20), (None, 20000)):  # sampled; all 7 (odd), resized
         ref = process_video(frames, 4.0, fps, 16, 2, 2, 1024, max_pixels, 4, 64)

@@ -75,6 +75,21 @@ def test_image_alone_equals_image_in_packed_batch():
     torch.testing.assert_close(packed, alone, rtol=1e-10, atol=1e-10)
 
 
+def test_raw_uint8_patches_are_normalised_by_the_model():
+    """The loader sends uint8 patches; the tower gives what it gives on the processors' normalised
+    floats (model.vision_processing.normalize: (x / 255 - 0.5) / 0.5)."""
+    from model.vision_processing import normalize
+
+    torch.manual_seed(0)
+    enc = VisionEncoder(VisionConfig(**TINY), 48)
+    n = sum(t * h * w for t, h, w in GRIDS)
+    raw = torch.randint(0, 256, (n, 3 * 2 * 16 * 16), dtype=torch.uint8)
+    floats = normalize(raw.view(n, 3, 2 * 16, 16)).view(n, -1)  # columns are (C, Tp, P, P)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(raw, torch.tensor(GRIDS)), enc(floats, torch.tensor(GRIDS)),
+                                   rtol=0, atol=0)
+
+
 def test_packed_attention_is_per_segment():
     """Against a dense block-diagonal mask: segments of equal and of different lengths."""
     torch.manual_seed(0)

@@ -41,8 +41,9 @@ def hf_image_processor():
 
 
 def test_image_patches_match_transformers_processor():
-    """Exact when no resize is needed; within one grey level (PIL's vs torch's bicubic rounding)
-    on a smooth image that is resized."""
+    """Exact when no resize is needed. On a smooth image that is resized, torch's uint8 bicubic
+    kernel (PIL's fixed-point algorithm, with its own rounding) differs from PIL on under 2% of
+    the values, by at most 2 grey levels."""
     from PIL import Image
 
     proc = hf_image_processor()
@@ -51,12 +52,13 @@ def test_image_patches_match_transformers_processor():
     yy, xx = np.mgrid[0:300, 0:500]
     smooth = np.stack([(127 + 120 * np.sin(xx / 17 + c) * np.cos(yy / 23)).astype(np.uint8)
                        for c in range(3)], -1)
-    for arr, tol in ((exact, 0.0), (smooth, 1.01)):
+    for arr, tol, share in ((exact, 0.0, 0.0), (smooth, 2.01, 0.02)):
         ref = proc(images=[Image.fromarray(arr)], return_tensors="pt")
         ours = process_image(torch.from_numpy(arr).permute(2, 0, 1))
         assert list(ours.grid_thw) == ref["image_grid_thw"][0].tolist()
-        grey_levels = (ours.pixel_values - ref["pixel_values"]).abs().max() * 127.5
-        assert grey_levels <= tol
+        grey_levels = (ours.pixel_values - ref["pixel_values"]).abs() * 127.5
+        assert grey_levels.max() <= tol
+        assert (grey_levels > 0.5).float().mean() <= share
 
 
 def test_patchify_layout_is_merge_block_order():

@@ -67,7 +67,9 @@ def caption_loss_gap(model, data_cfg, num_docs: int, device, amp_dtype, seed: in
                     if key in visual:
                         v = visual[key]
                         lo, hi = float(v.min()), float(v.max())
-                        visual[key] = torch.rand(v.shape, generator=gen, dtype=v.dtype) * (hi - lo) + lo
+                        noise = torch.rand(v.shape, generator=gen) * (hi - lo) + lo
+                        # uint8 patches (the loader's raw pixels) stay uint8: the model normalises them.
+                        visual[key] = noise.round().to(v.dtype) if v.dtype == torch.uint8 else noise.to(v.dtype)
             inputs = {k: batch[k].to(device) for k in ("input_ids", "position_ids", "cu_seqlens")}
             inputs.update({k: v.to(device) for k, v in visual.items()})
             caption_labels = batch["labels"].masked_fill(~batch["caption_mask"], -100)
