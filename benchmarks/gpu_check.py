@@ -8,13 +8,15 @@ Parts, each guarded (a missing package or device gives a 'skipped: why' row, an 
 'error: ...' row, and the other parts still run):
 
 1. kernel: flash-linear-attention's chunked gated delta rule against the project's PyTorch chunked
-   kernel (model/ops/gated_delta.py) on the same packed bf16 inputs: forward and gradient max
-   errors (relative to the largest reference value) and fwd+bwd time of each.
+   kernel (model/ops/gated_delta.py) on the same packed bf16 inputs with fewer query/key heads
+   than value heads, as the model calls it (the call repeats them for fla): forward and gradient
+   max errors (relative to the largest reference value) and fwd+bwd time of each.
 2. train: a mid-size hybrid MoE model (built here from ModelConfig fields, sized to keep an H200
    busy) trained on the learnable synthetic text for --steps steps with BF16, then with TE FP8
    (precision=fp8_te, delayed scaling; --recipes adds others): median step time, tokens/s, MFU
    (against the GPU's dense BF16 peak, for both runs), first and last losses, peak memory.
    Each run stops early at --budget-s seconds and says how many steps it did.
+Everything stops at --total-s (default 285 s): a run ends early, a part not started is skipped.
 3. smoke: `python -m train.main experiment=smoke_1gpu` for a few steps, with BF16 and with
    precision=fp8_te, as a user would start it.
 """
@@ -22,6 +24,7 @@ Parts, each guarded (a missing package or device gives a 'skipped: why' row, an 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -125,19 +128,23 @@ def check_kernels(device, tiny: bool) -> list[dict]:
     if find_spec("fla") is None:
         return rows + [row("kernel", "gated delta: fla",
                            "skipped: fla (flash-linear-attention) not installed")]
-    o_fla, g_fla = fwd_bwd("fla", leaves, cu)  # first call compiles the Triton kernels
-    t_fla = timed(lambda: fwd_bwd("fla", leaves, cu), device, 5)
     rel = lambda a, b: float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))  # noqa: E731
     names = ("dq", "dk", "dv", "dg", "dbeta")
-    grad_err = {f"{n}_max_rel_err": rel(a, b) for n, a, b in zip(names, g_fla, g_ref)}
-    rows.append(row("kernel", "gated delta: fla", "ok", fwd_bwd_ms=1e3 * t_fla, shape=shape,
-                    speedup_vs_torch=t_torch / t_fla, out_max_rel_err=rel(o_fla, o_ref), **grad_err))
-    return rows
+
+    def fla_row() -> list[dict]:
+        o_fla, g_fla = fwd_bwd("fla", leaves, cu)  # the first call compiles the kernels
+        t_fla = timed(lambda: fwd_bwd("fla", leaves, cu), device, 5)
+        grad_err = {f"{n}_max_rel_err": rel(a, b) for n, a, b in zip(names, g_fla, g_ref)}
+        return [row("kernel", "gated delta: fla", "ok", fwd_bwd_ms=1e3 * t_fla, shape=shape,
+                    speedup_vs_torch=t_torch / t_fla, out_max_rel_err=rel(o_fla, o_ref), **grad_err)]
+
+    return rows + guarded("kernel", "gated delta: fla", fla_row)
 
 
 # ---- 2. training runs -----------------------------------------------------------------------------
 
-def train_run(name: str, overrides: list[str], steps: int, budget_s: float, device) -> dict:
+def train_run(name: str, overrides: list[str], steps: int, budget_s: float, device,
+              deadline: float = math.inf) -> dict:
     from train.main import load_config
     from train.trainer import Trainer
 
@@ -148,6 +155,7 @@ def train_run(name: str, overrides: list[str], steps: int, budget_s: float, devi
             torch.cuda.reset_peak_memory_stats()
         trainer = Trainer(cfg, Path(tmp))
         records, start = [], time.perf_counter()
+        stop = min(start + budget_s, deadline)
         for _ in range(steps):
             t0 = time.perf_counter()
             rec = trainer.train_step()
@@ -155,7 +163,7 @@ def train_run(name: str, overrides: list[str], steps: int, budget_s: float, devi
                 torch.cuda.synchronize()
             rec["step_time_s"] = time.perf_counter() - t0
             records.append(rec)
-            if time.perf_counter() - start > budget_s:
+            if time.perf_counter() > stop:
                 break
         warm = records[min(5, len(records) - 1):]  # the first steps compile and allocate
         dt = statistics.median(r["step_time_s"] for r in warm)
@@ -170,9 +178,15 @@ def train_run(name: str, overrides: list[str], steps: int, budget_s: float, devi
         if device.type == "cuda":
             out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
         del trainer
+    gc.collect()  # the model and optimizer state go before the next run builds its own
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
+
+
+def out_of_time(deadline: float, need_s: float) -> str | None:
+    left = deadline - time.perf_counter()
+    return f"skipped: {left:.0f} s left of --total-s" if left < need_s else None
 
 
 def te_missing(device) -> str | None:
@@ -183,20 +197,25 @@ def te_missing(device) -> str | None:
     return None
 
 
-def check_training(device, tiny: bool, steps: int, budget_s: float, recipes: list[str]) -> list[dict]:
+def check_training(device, tiny: bool, steps: int, budget_s: float, recipes: list[str],
+                   deadline: float = math.inf) -> list[dict]:
     base = TINY_RUN if tiny else MID_MODEL + MID_RUN
-    rows = guarded("train", "bf16", lambda: [train_run("bf16", base, steps, budget_s, device)])
+
+    def run(name: str, extra: list[str]) -> list[dict]:
+        return [train_run(name, base + extra, steps, budget_s, device, deadline)]
+
+    rows = guarded("train", "bf16", lambda: run("bf16", []))
     for recipe in recipes:
         name = f"fp8_te {recipe}"
-        why = te_missing(device)
+        why = te_missing(device) or out_of_time(deadline, 60)
         if why:
             rows.append(row("train", name, why))
             continue
-        rows.append(guarded("train", name, lambda r=recipe: [train_run(
-            name, base + ["precision=fp8_te", f"precision.recipe={r}"], steps, budget_s, device)])[0])
+        rows += guarded("train", name,
+                        lambda r=recipe: run(name, ["precision=fp8_te", f"precision.recipe={r}"]))
     if tiny:  # the CPU stand-in for the FP8 row: the same policy, emulated
-        rows.append(guarded("train", "fp8_emulated delayed", lambda: [train_run(
-            "fp8_emulated delayed", base + ["precision=fp8_emulated"], steps, budget_s, device)])[0])
+        rows += guarded("train", "fp8_emulated delayed",
+                        lambda: run("fp8_emulated delayed", ["precision=fp8_emulated"]))
     ref = rows[0]
     for r in rows[1:]:
         if r["status"] == "ok" and ref["status"] == "ok":
@@ -226,15 +245,16 @@ def smoke_run(name: str, extra: list[str], steps: int, timeout_s: float) -> dict
                step_ms=1e3 * statistics.median(r["step_time_s"] for r in timed_recs))
 
 
-def check_smoke(device, steps: int, timeout_s: float) -> list[dict]:
-    if device.type != "cuda":
-        return [row("smoke", "smoke_1gpu bf16", "skipped: experiment=smoke_1gpu needs CUDA"),
-                row("smoke", "smoke_1gpu fp8_te", "skipped: experiment=smoke_1gpu needs CUDA")]
-    rows = guarded("smoke", "smoke_1gpu bf16", lambda: [smoke_run("smoke_1gpu bf16", [], steps, timeout_s)])
-    why = te_missing(device)
-    rows += [row("smoke", "smoke_1gpu fp8_te", why)] if why else guarded(
-        "smoke", "smoke_1gpu fp8_te",
-        lambda: [smoke_run("smoke_1gpu fp8_te", ["precision=fp8_te"], steps, timeout_s)])
+def check_smoke(device, steps: int, timeout_s: float, deadline: float = math.inf) -> list[dict]:
+    rows = []
+    for name, extra in (("smoke_1gpu bf16", []), ("smoke_1gpu fp8_te", ["precision=fp8_te"])):
+        if device.type != "cuda":
+            why = "skipped: experiment=smoke_1gpu needs CUDA"
+        else:
+            why = (te_missing(device) if extra else None) or out_of_time(deadline, 30)
+        limit = min(timeout_s, deadline - time.perf_counter())
+        rows += [row("smoke", name, why)] if why else guarded(
+            "smoke", name, lambda n=name, e=extra: [smoke_run(n, e, steps, limit)])
     return rows
 
 
@@ -277,9 +297,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    choices=("cuda", "cpu"))
     p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke of this script)")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default 200; tiny 6)")
-    p.add_argument("--budget-s", type=float, default=60.0, help="wall seconds per training run at most")
+    p.add_argument("--budget-s", type=float, default=45.0, help="wall seconds per training run at most")
+    p.add_argument("--total-s", type=float, default=285.0,
+                   help="wall seconds for everything: later runs stop early or are skipped")
     p.add_argument("--recipes", default="delayed", help="comma list of TE recipes to train with")
-    p.add_argument("--smoke-steps", type=int, default=15)
+    p.add_argument("--smoke-steps", type=int, default=10)
     p.add_argument("--parts", default="kernel,train,smoke", help="comma list of parts to run")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -293,14 +315,15 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     parts = set(args.parts.split(","))
     t0 = time.perf_counter()
+    deadline = t0 + args.total_s
     rows: list[dict] = []
     if "kernel" in parts:
         rows += guarded("kernel", "gated delta", lambda: check_kernels(device, args.tiny))
     if "train" in parts:
         rows += check_training(device, args.tiny, args.steps, args.budget_s,
-                               [r for r in args.recipes.split(",") if r])
+                               [r for r in args.recipes.split(",") if r], deadline)
     if "smoke" in parts:
-        rows += check_smoke(device, args.smoke_steps, timeout_s=150)
+        rows += check_smoke(device, args.smoke_steps, timeout_s=120, deadline=deadline)
     header = machine_line() + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else "")
     versions = {name: installed_version(dist) for name, dist in
                 (("transformer_engine", "transformer_engine"), ("fla", "flash-linear-attention"))}

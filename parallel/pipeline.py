@@ -49,6 +49,7 @@ from torch.distributed.pipelining.schedules import (Schedule1F1B, ScheduleGPipe,
 
 from model.language_model import Qwen35LM
 from model.moe import SparseMoE, routers
+from parallel.activation_checkpoint import ContextFn
 from parallel.config import ParallelConfig
 from parallel.grads import grad_square_sum
 from parallel.layout import stage_layer_counts
@@ -76,12 +77,12 @@ def stage_ids(pp_rank: int, pp: int, virtual: int, schedule: str) -> list[int]:
     return [pp_rank + k * pp for k in range(virtual)]
 
 
-def parallelize_pipeline(model: Qwen35LM, meshes, pcfg: ParallelConfig,
-                         device: torch.device) -> list[PipelineStageModule]:
+def parallelize_pipeline(model: Qwen35LM, meshes, pcfg: ParallelConfig, device: torch.device,
+                         ac_context_fn: Optional[ContextFn] = None) -> list[PipelineStageModule]:
     """Apply the plans to `model` (built whole, same weights on every rank) and return this rank's
     stages, sharded. The model object itself is not used afterwards."""
     # 1-4. EP, TP + SP, the vision plan, activation checkpointing: per module, on the whole model.
-    apply_module_plans(model, meshes, pcfg)
+    apply_module_plans(model, meshes, pcfg, ac_context_fn)
 
     # 5. Cut out this rank's stages.
     counts = stage_layer_counts(pcfg, model.cfg.num_layers)
@@ -342,12 +343,13 @@ def _time_actions(stage: PipelineStage, times: ActionTimes) -> None:
 
 
 def build_pipeline(model: Qwen35LM, meshes, pcfg: ParallelConfig, device: torch.device,
-                   num_microbatches: int) -> PipelineRunner:
+                   num_microbatches: int, ac_context_fn: Optional[ContextFn] = None) -> PipelineRunner:
     """Split `model` (built whole on every rank, same seed) into this rank's stages, apply the
     parallel plans to them and return the runner. Call on every rank after build_meshes; drop
-    every other reference to `model` afterwards so that the other stages' layers are freed."""
+    every other reference to `model` afterwards so that the other stages' layers are freed.
+    `ac_context_fn`: the FP8 backend's activation-checkpoint contexts."""
     if meshes.pp is None:
         raise ValueError("build_pipeline needs parallel.pp > 1")
     all_routers = {id(r): i for i, r in enumerate(routers(model))}
-    stages = parallelize_pipeline(model, meshes, pcfg, device)
+    stages = parallelize_pipeline(model, meshes, pcfg, device, ac_context_fn)
     return PipelineRunner(stages, meshes, pcfg, device, num_microbatches, all_routers, len(all_routers))

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from model.language_model import Qwen35LM
-from parallel.activation_checkpoint import apply_activation_checkpoint
+from parallel.activation_checkpoint import ContextFn, apply_activation_checkpoint
 from parallel.config import ParallelConfig
 from parallel.fsdp import apply_fsdp
 
@@ -24,9 +24,11 @@ def fsdp_param_dtype(name: str, device: torch.device) -> Optional[torch.dtype]:
     return None
 
 
-def apply_module_plans(model: Qwen35LM, meshes, pcfg: ParallelConfig) -> None:
+def apply_module_plans(model: Qwen35LM, meshes, pcfg: ParallelConfig,
+                       ac_context_fn: Optional[ContextFn] = None) -> None:
     """The plans that work per module on the whole model: EP, TP + SP, the vision plan and
-    activation checkpointing (by global layer index). FSDP (or the pipeline cut) comes after."""
+    activation checkpointing (by global layer index; `ac_context_fn`: the FP8 backend's
+    checkpoint contexts). FSDP (or the pipeline cut) comes after."""
     if meshes.ep is not None:
         from parallel.expert_parallel import apply_expert_parallel
 
@@ -39,15 +41,17 @@ def apply_module_plans(model: Qwen35LM, meshes, pcfg: ParallelConfig) -> None:
         from parallel.vision_plan import apply_vision_plan
 
         apply_vision_plan(model, meshes.vision, pcfg.vision.name)
-    n = apply_activation_checkpoint(model.layers, pcfg.activation_checkpoint, pcfg.selective_ac_every)
+    n = apply_activation_checkpoint(model.layers, pcfg.activation_checkpoint, pcfg.selective_ac_every,
+                                    ac_context_fn)
     if n:
         log.info("activation checkpointing (%s): %d of %d decoder layers", pcfg.activation_checkpoint,
                  n, len(model.layers))
 
 
-def parallelize(model: Qwen35LM, meshes, pcfg: ParallelConfig, device: torch.device) -> Qwen35LM:
+def parallelize(model: Qwen35LM, meshes, pcfg: ParallelConfig, device: torch.device,
+                ac_context_fn: Optional[ContextFn] = None) -> Qwen35LM:
     """`meshes` is parallel.mesh.Meshes (tp, ep, vision, fsdp, expert_fsdp, dp_size)."""
-    apply_module_plans(model, meshes, pcfg)
+    apply_module_plans(model, meshes, pcfg, ac_context_fn)
     if meshes.fsdp is not None and meshes.fsdp.size() > 1:
         apply_fsdp(model, meshes.fsdp, param_dtype=fsdp_param_dtype(pcfg.param_dtype, device),
                    reshard_after_forward=pcfg.reshard_after_forward,

@@ -13,13 +13,17 @@ compute exactly as the plain class (TE modules do the same outside `te.autocast`
 Delayed scaling keeps per-layer `fp8_amax_history` [L, ..., 3 roles, G] and `fp8_scale` buffers
 (persistent: checkpointed and restored); roles are input, weight, output gradient; G = 1 for a
 linear, one per expert for grouped experts (TE's GroupedLinear has one quantizer per GEMM too).
+
+Activation checkpointing passes `checkpoint_contexts` as torch.utils.checkpoint's `context_fn`: the
+recompute in backward then quantises with the forward's scales and records no amax, as TE's
+checkpoint does.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ContextManager, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -38,6 +42,10 @@ BLOCK = {"mxfp8": 32, "blockwise": 128}
 FP8_ROW_ALIGN = 16  # FP8 GEMMs need row counts in multiples of 16 (per expert, for grouped ones)
 
 _enabled = False
+# Inside a checkpointed region: its forward appends the per-tensor scales it quantises with to
+# _saving; its recompute takes them back from _replaying, in the same order.
+_saving: Optional[list[torch.Tensor]] = None
+_replaying: Optional[Iterator[torch.Tensor]] = None
 
 
 @contextlib.contextmanager
@@ -53,6 +61,30 @@ def fp8_autocast(enabled: bool = True):
 
 def fp8_enabled() -> bool:
     return _enabled
+
+
+def checkpoint_contexts() -> tuple[ContextManager, ContextManager]:
+    """(forward context, recompute context) for one call of non-reentrant torch.utils.checkpoint
+    (its `context_fn`; called at the start of the checkpointed forward). The forward keeps the
+    scales of its per-tensor quantisations, in call order; the recompute in backward runs under
+    the forward's fp8_autocast state (backward runs outside it), quantises with those scales and
+    records no amax: a second record would roll the delayed-scaling history twice per step, and
+    the scale it would read has since been updated. The list belongs to this one call, so the
+    order stays right when a pipeline schedule runs several micro-batches' forwards before their
+    backwards, and a recompute that stops early leaves nothing behind."""
+    scales: list[torch.Tensor] = []
+    return _checkpoint_phase(scales, None, _enabled), _checkpoint_phase(None, scales, _enabled)
+
+
+@contextlib.contextmanager
+def _checkpoint_phase(saving, replay, enabled):
+    global _saving, _replaying, _enabled
+    previous = _saving, _replaying, _enabled
+    _saving, _replaying, _enabled = saving, None if replay is None else iter(replay), enabled
+    try:
+        yield
+    finally:
+        _saving, _replaying, _enabled = previous
 
 
 @dataclass
@@ -86,12 +118,20 @@ class Quantiser:
         if self.recipe == "blockwise":
             return quantise_blocks_2d(t, fmt, BLOCK["blockwise"])
         with torch.no_grad():
-            amax = self._amax(t, role, row_groups, num_groups)
-            if self.recipe == "tensorwise":
-                scale = per_tensor_scale(amax, fmt, self.margin)
+            if _replaying is not None:  # activation-checkpoint recompute: the forward's scale
+                scale = next(_replaying, None)
+                if scale is None:
+                    raise RuntimeError("emulated FP8: a checkpointed recompute quantised more "
+                                       "tensors than its forward")
             else:
-                scale = self.scale[role].clone()
-                self._record(role, amax, fmt)
+                amax = self._amax(t, role, row_groups, num_groups)
+                if self.recipe == "tensorwise":
+                    scale = per_tensor_scale(amax, fmt, self.margin)
+                else:
+                    scale = self.scale[role].clone()
+                    self._record(role, amax, fmt)
+                if _saving is not None:
+                    _saving.append(scale)
         return quantise_scaled(t, self._broadcast(scale, t, role, row_groups), fmt)
 
     def _amax(self, t, role, row_groups, num_groups) -> torch.Tensor:

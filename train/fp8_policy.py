@@ -8,7 +8,6 @@ training:  python -m train.fp8_policy experiment=smoke_cpu_text precision=fp8_em
 
 from __future__ import annotations
 
-import contextlib
 import re
 import sys
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from fnmatch import fnmatchcase
 from typing import Callable, ContextManager, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from model.moe import GroupedExperts, TopKRouter
@@ -133,28 +133,57 @@ def format_table(rows: list[LayerPrecision], p: PrecisionConfig, model: Optional
     return "\n".join([head, *lines])
 
 
+@dataclass
+class Fp8Hooks:
+    """What the trainer wires in when an FP8 backend is on."""
+
+    autocast: Callable[[], ContextManager]  # wraps every forward
+    # torch.utils.checkpoint's context_fn for activation checkpointing: the recompute in backward
+    # reuses the forward's FP8 scales and records no amax.
+    checkpoint_contexts: Callable[[], tuple[ContextManager, ContextManager]]
+
+
+def fp8_amax_group(meshes) -> Optional[dist.ProcessGroup]:
+    """The ranks that share FP8 scales: those that run the same layers in step (each sees other
+    data, or another shard of a weight), i.e. all but the other pipeline stages, whose amax
+    all-reduces would pair with unrelated ones. `meshes`: parallel.mesh.Meshes, None: one process."""
+    if meshes is None:
+        return None
+    if meshes.pp is None:
+        return dist.group.WORLD
+    names = tuple(n for n in meshes.world.mesh_dim_names if n != "pp")
+    mesh = meshes.world[names[0]] if len(names) == 1 else meshes.world[names]._flatten("fp8_amax")
+    return mesh.get_group()
+
+
 def apply_precision(model: nn.Module, p: PrecisionConfig, device: torch.device,
-                    amax_reduction_group=None) -> tuple[Callable[[], ContextManager], str]:
+                    amax_reduction_group=None) -> tuple[Optional[Fp8Hooks], str]:
     """Apply the policy to a freshly built, unparallelised model in place.
 
-    Returns (a factory of the context manager to wrap every forward in, the table text to log).
-    `amax_reduction_group`: the process group whose ranks share FP8 scales (all ranks that see
-    different data, normally the data-parallel x context-parallel group); None: local amaxes.
+    Returns (the hooks to wire in, None with FP8 off; the table text to log).
+    `amax_reduction_group`: the process group whose ranks share FP8 scales (see
+    `fp8_amax_group`); None: local amaxes.
     """
     rows = precision_table(model, p)
     text = format_table(rows, p, model)
     chosen = [r.name for r in rows if r.precision == "fp8"]
     if not p.enabled:
-        return contextlib.nullcontext, text
+        return None, text
     if p.backend == "emulated":
-        from train.fp8_emulated import fp8_autocast, swap_to_emulated
+        from train import fp8_emulated
 
         for name in chosen:
-            swap_to_emulated(model.get_submodule(name), p, amax_reduction_group)
-        return fp8_autocast, text
+            # The vision tower runs only on micro-batches with images, and under the balanced
+            # vision plan only on ranks given some: an amax all-reduce there would wait for ranks
+            # that never join. It is never tensor-sharded, so its amaxes are whole locally (its
+            # delayed-scaling state is then per rank).
+            group = None if name.startswith("visual.") else amax_reduction_group
+            fp8_emulated.swap_to_emulated(model.get_submodule(name), p, group)
+        return Fp8Hooks(fp8_emulated.fp8_autocast, fp8_emulated.checkpoint_contexts), text
     from train import fp8_te  # only here: importing TE needs CUDA libraries
 
-    return fp8_te.apply_te(model, chosen, p, device, amax_reduction_group), text
+    autocast = fp8_te.apply_te(model, chosen, p, device, amax_reduction_group)
+    return Fp8Hooks(autocast, fp8_te.checkpoint_contexts), text
 
 
 def main(argv: Optional[list[str]] = None) -> int:

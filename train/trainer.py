@@ -26,12 +26,13 @@ from data import build_loader
 from model.language_model import Qwen35LM
 from model.moe import collect_expert_load, update_router_bias
 from model.params import count_params, train_flops_per_token
+from parallel.activation_checkpoint import apply_activation_checkpoint
 from parallel.collectives import StepWatchdog
 from parallel.distributed import init_distributed, rank, shutdown, sum_over
 from parallel.grads import clip_grad_norm_, global_grad_norm, match_grad_placements
 from train import checkpoint as ckpt
 from train.config import RootConfig
-from train.fp8_policy import apply_precision
+from train.fp8_policy import apply_precision, fp8_amax_group
 from train.metrics import MetricsLogger, console_line, peak_flops
 from train.optim import build_optimizer, build_scheduler, load_scheduler_state
 from train.precision import autocast, autocast_dtype, resolve_device
@@ -59,11 +60,13 @@ class Trainer:
         self.model = Qwen35LM(cfg.model).to(self.device)
         counts = count_params(self.model)
         # FP8 policy: swaps the chosen GEMM modules, before any parallelism wraps the model.
-        # FP8 scales are shared by all ranks (each sees other data, or another shard of a weight).
-        amax_group = torch.distributed.group.WORLD if self.meshes is not None else None
-        self.fp8_autocast, precision_table = apply_precision(self.model, cfg.precision, self.device,
-                                                             amax_reduction_group=amax_group)
+        # FP8 scales are shared by the ranks that run the same layers (all but other pp stages).
+        fp8, precision_table = apply_precision(self.model, cfg.precision, self.device,
+                                               fp8_amax_group(self.meshes))
         log.info("%s", precision_table)
+        self.fp8_autocast = fp8.autocast if fp8 is not None else contextlib.nullcontext
+        # Activation checkpointing's recompute must quantise as the forward did.
+        ac_context_fn = fp8.checkpoint_contexts if fp8 is not None else None
         dp_rank, dp_size, self.world = 0, 1, 1
         self.pipeline = None
         if self.meshes is not None and cfg.parallel.pp > 1:
@@ -71,13 +74,17 @@ class Trainer:
             from parallel.pipeline import build_pipeline
 
             self.pipeline = build_pipeline(self.model, self.meshes, cfg.parallel, self.device,
-                                           pipeline_microbatches(cfg.parallel, cfg.train.grad_accum))
+                                           pipeline_microbatches(cfg.parallel, cfg.train.grad_accum),
+                                           ac_context_fn)
             self.pipeline.set_forward_context(self._forward_context)
             self.model = self.pipeline.model  # this rank's stages, with the full model's names
         elif self.meshes is not None:
             from parallel.plan import parallelize
 
-            parallelize(self.model, self.meshes, cfg.parallel, self.device)
+            parallelize(self.model, self.meshes, cfg.parallel, self.device, ac_context_fn)
+        else:  # one process: of the plans only activation checkpointing applies
+            apply_activation_checkpoint(self.model.layers, cfg.parallel.activation_checkpoint,
+                                        cfg.parallel.selective_ac_every, ac_context_fn)
         if self.meshes is not None:
             dp_rank, dp_size, self.world = self.meshes.dp_rank, self.meshes.dp_size, self.meshes.layout.world
         self.dp_size = dp_size

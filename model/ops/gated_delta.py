@@ -119,6 +119,10 @@ def chunk_gated_delta_rule(
     if backend == "fla" or (backend == "auto" and q.is_cuda):
         fla_chunk = _load_fla_chunk()
         if fla_chunk is not None and q.is_cuda:
+            if (rep := v.shape[2] // q.shape[2]) > 1:
+                # Not every fla release takes fewer q/k heads than value heads; transformers
+                # repeats them before this call too (value head j reads q/k head j // rep).
+                q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
             return fla_chunk(
                 q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=initial_state,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens,
