@@ -572,7 +572,10 @@ def test_amax_group_leaves_out_other_pipeline_stages():
     (2, {"tp": 2, "activation_checkpoint": "full"}, "tensorwise"),
     (2, {"dp_shard": 2}, "delayed"),
     (2, {"pp": 2, "pp_microbatches": 2, "activation_checkpoint": "full"}, "delayed"),
-], ids=["tp2-delayed", "tp2-ac-tensorwise", "dp2-delayed", "pp2-ac-delayed"])
+    (2, {"ep": 2}, "delayed"),
+    (4, {"tp": 2, "ep": 2}, "tensorwise"),
+], ids=["tp2-delayed", "tp2-ac-tensorwise", "dp2-delayed", "pp2-ac-delayed", "ep2-delayed",
+        "tp2-ep2-tensorwise"])
 def test_emulated_fp8_layout_matches_one_process(world, sizes, recipe):
     """In fp64 a parallel layout's FP8 run equals one process to rounding. (In fp32 a tensor-
     parallel run's grad norm drifts from the single process's by up to percents within a few

@@ -142,10 +142,4 @@ def validate_config(cfg: RootConfig) -> RootConfig:
                           f"check runs the whole model in one forward, not through the pipeline; set "
                           f"it to 0 with parallel.pp={cfg.parallel.pp}")
     validate_precision(cfg.precision, cfg.model.num_layers, t.device)
-    if (cfg.precision.backend == "emulated" and cfg.precision.grouped_experts
-            and cfg.parallel.ep > 1):
-        raise ConfigError(f"precision.grouped_experts=true with parallel.ep={cfg.parallel.ep}: the "
-                          f"emulated backend keeps per-expert FP8 scales for all experts on every "
-                          f"rank, not for expert-parallel shards yet; set precision.grouped_experts="
-                          f"false (experts in BF16) or parallel.ep=1")
     return cfg

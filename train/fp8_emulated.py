@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from model.moe import GROUPED_MM_DTYPES, GroupedExperts, grouped_matmul
 from train.fp8_config import PrecisionConfig
@@ -99,6 +100,8 @@ class Quantiser:
     history: Optional[torch.Tensor] = None
     scale: Optional[torch.Tensor] = None
     group: Any = None  # process group over which amaxes are max-reduced (None: local)
+    # Expert parallelism: this rank computes experts offset .. offset + G - 1 of `total`.
+    experts: Optional[tuple[int, int]] = None  # (offset, total)
 
     @property
     def per_tensor(self) -> bool:
@@ -130,6 +133,9 @@ class Quantiser:
                 else:
                     scale = self.scale[role].clone()
                     self._record(role, amax, fmt)
+                if self.experts is not None:  # the scales of this rank's experts
+                    local = t.shape[0] if role == WEIGHT else num_groups  # weights: [L, N, K]
+                    scale = scale[self.experts[0]:self.experts[0] + local]
                 if _saving is not None:
                     _saving.append(scale)
         return quantise_scaled(t, self._broadcast(scale, t, role, row_groups), fmt)
@@ -139,6 +145,13 @@ class Quantiser:
             amax = t.detach().abs().amax(dim=(-2, -1)).float().reshape(-1)
         else:
             amax = group_amax(t, row_groups, num_groups)
+        if self.experts is not None:
+            # Every expert's amax in its global slot, zeros elsewhere: the max over the ranks is
+            # then each expert's amax over the ranks that ran it, and the state stays the same
+            # (all E experts) on every rank, as without expert parallelism.
+            offset, total = self.experts
+            amax = amax.new_zeros(total).index_copy_(
+                0, torch.arange(offset, offset + amax.numel(), device=amax.device), amax)
         if self.group is not None and dist.is_initialized():
             dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=self.group)
         return amax
@@ -266,9 +279,9 @@ class _Fp8Module:
                                  torch.zeros(p.amax_history_len, *buffer_shape, device=device))
             self.register_buffer("fp8_scale", torch.ones(*buffer_shape, device=device))
 
-    def _quantiser(self, index: Optional[int] = None) -> Quantiser:
+    def _quantiser(self, index: Optional[int] = None, experts: Optional[tuple[int, int]] = None) -> Quantiser:
         qz = Quantiser(self.fp8_recipe, self.fp8_format, self.fp8_margin, self.fp8_amax_compute_algo,
-                       group=self.fp8_group)
+                       group=self.fp8_group, experts=experts)
         if self.fp8_recipe == "delayed":
             # Tensor-parallel styles turn a module's buffers into replicated DTensors: the state is
             # updated in place through their local tensors (same storage).
@@ -313,7 +326,23 @@ class EmulatedFp8Linear(_Fp8Module, nn.Linear):
 
 class EmulatedFp8GroupedExperts(_Fp8Module, GroupedExperts):
     """GroupedExperts whose two grouped GEMMs run emulated FP8 inside `fp8_autocast()`, on
-    expert groups padded to the recipe's alignment. x [M, D], tokens_per_expert [E] -> [M, D]."""
+    expert groups padded to the recipe's alignment. x [M, D], tokens_per_expert [E] -> [M, D]
+    (under expert parallelism: this rank's experts' rows and counts).
+
+    The per-expert delayed-scaling state covers all E experts on every rank, also under expert
+    parallelism, where each rank computes E / ep of them: amaxes are exchanged in their global
+    slots (`Quantiser.experts`), so the state is the same on every rank and a checkpoint moves
+    between ep sizes as it is."""
+
+    def _local_experts(self) -> Optional[tuple[int, int]]:
+        """(offset, E) when the experts are sharded over an expert-parallel mesh, else None.
+        The parameter registered stays the DTensor (parallel/local_params.py shows forward the
+        local shard), whose placement gives this rank's first expert."""
+        p = self._parameters["gate_up_proj"]
+        if not isinstance(p, DTensor):
+            return None
+        _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        return (offset[0], self.num_experts) if p.to_local().shape[0] != self.num_experts else None
 
     def setup_fp8(self, p: PrecisionConfig, group=None) -> None:
         self._setup_fp8(p, (2, 3, self.num_experts), group)  # [gate_up | down, role, expert]
@@ -326,8 +355,10 @@ class EmulatedFp8GroupedExperts(_Fp8Module, GroupedExperts):
         offs = counts.cumsum(0).to(torch.int32)
         rows = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device), counts,
                                        output_size=xp.shape[0])
-        gate, up = _Fp8GroupedFn.apply(xp, self.gate_up_proj, offs, rows, self._quantiser(0)).chunk(2, -1)
-        out = _Fp8GroupedFn.apply(F.silu(gate) * up, self.down_proj, offs, rows, self._quantiser(1))
+        experts = self._local_experts()
+        gate, up = _Fp8GroupedFn.apply(xp, self.gate_up_proj, offs, rows,
+                                       self._quantiser(0, experts)).chunk(2, -1)
+        out = _Fp8GroupedFn.apply(F.silu(gate) * up, self.down_proj, offs, rows, self._quantiser(1, experts))
         return out[dest]
 
 
