@@ -124,8 +124,9 @@ def collate_rows(rows: list[MMRow], ids: VisionTokenIds, merge_size: int = 2, pa
     ``input_ids`` [B, T]; ``labels`` [B, T] (shifted; -100 at segment ends, padding, visual pads
     and targets that are visual pads); ``position_ids`` [3, B, T] (M-RoPE t, h, w, restarting per
     segment); ``cu_seqlens`` [N+1]; ``num_tokens`` (labels != -100); ``pixel_values`` [Pi, C*Tp*P*P]
-    uint8 (raw patches: the vision model normalises them on its device) and ``image_grid_thw`` [Ni, 3], ``pixel_values_videos`` / ``video_grid_thw`` (images and
-    videos in order of appearance over the flattened batch; absent when there are none);
+    uint8 (raw patches: the vision model normalises them on its device) and ``image_grid_thw``
+    [Ni, 3], ``pixel_values_videos`` / ``video_grid_thw`` (images and videos in order of
+    appearance over the flattened batch; absent when there are none);
     ``source_tokens`` {source: non-pad tokens}.
 
     The text part is data/packing.py's `collate` (same labels and cu_seqlens), in numpy: this
