@@ -1,10 +1,12 @@
 """The Transformer Engine backend's wiring (train/fp8_te.py) on CPU, against a fake
 `transformer_engine` with the real API's signatures that computes in plain PyTorch: which modules
 are swapped, state-dict keys, outputs and gradients equal to the unswapped model (expert groups
-padded, an expert without tokens), the recipes built from config, the autocast's amax reduction
-group, the FP8 state through a DCP checkpoint, activation-checkpointing contexts, and the errors.
-What the fake cannot show (TE's kernels, its FP8 numerics, TE under FSDP2) is for
-benchmarks/gpu_check.py on a GPU."""
+padded, an expert without tokens), also under tensor + sequence parallelism and expert
+parallelism with FSDP2 (2 gloo ranks), the recipes built from config, the autocast's amax
+reduction group and its delayed-scaling all-reduce (why the vision tower stays BF16 there), the
+FP8 state through a DCP checkpoint, activation-checkpointing contexts, and the errors.
+What the fake cannot show (TE's kernels, its FP8 numerics) is for benchmarks/gpu_check.py on a
+GPU."""
 
 import contextlib
 import copy
@@ -17,16 +19,21 @@ from collections import deque
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import nn
+from torch.distributed.tensor import Shard
 
 from model.config import load_model_config
 from model.language_model import Qwen35LM
 from model.moe import GroupedExperts
+from parallel.config import ParallelConfig
+from parallel.grads import match_grad_placements
+from parallel.mesh import build_meshes, validate_layout
 from train import fp8_te
 from train.fp8_config import PrecisionConfig
-from train.fp8_policy import precision_table
+from train.fp8_policy import apply_precision, precision_table
 
 CPU = torch.device("cpu")
 TE = PrecisionConfig(backend="te")
@@ -83,6 +90,26 @@ class FP8GlobalStateManager:
 AUTOCASTS = []  # (recipe, amax_reduction_group) of every autocast entered
 RECOMPUTE = {"enabled": False, "phase": False}
 UNAVAILABLE = {}  # availability check name -> reason
+# Delayed scaling's amax buffers, as TE's FP8GlobalStateManager keeps them: every module that ran
+# FP8 under (recipe, group) is added once, at its first FP8 forward, and stays; the outermost
+# autocast's exit max-reduces each buffer over its group (the default group for None).
+AMAX_BUFFERS = {}  # (str(recipe), id(group)) -> (group, [module])
+DEPTH = [0]
+
+
+def reduce_amax_buffers():
+    """quantization.py's reduce_and_update_fp8_tensors: one all-reduce per buffer, which pairs
+    elementwise with the other ranks' buffers. TE would hang or mix amaxes if their sizes
+    differed; the fake compares them first and says so."""
+    for group, modules in AMAX_BUFFERS.values():
+        if not dist.is_initialized() or dist.get_world_size(group) == 1:
+            continue
+        sizes = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(sizes, torch.tensor([len(modules)]), group=group)
+        if len({int(n) for n in sizes}) > 1:
+            raise RuntimeError(f"amax buffers differ across ranks: {[int(n) for n in sizes]} "
+                               f"modules (TE's all-reduce would hang or mix amaxes)")
+        dist.all_reduce(torch.ones(len(modules)), op=dist.ReduceOp.MAX, group=group)
 
 
 @contextlib.contextmanager
@@ -92,11 +119,15 @@ def autocast(enabled=True, calibrating=False, recipe=None, amax_reduction_group=
         FP8GlobalStateManager.FP8_DISTRIBUTED_GROUP
     FP8GlobalStateManager.FP8_ENABLED, FP8GlobalStateManager.FP8_RECIPE = enabled, recipe
     FP8GlobalStateManager.FP8_DISTRIBUTED_GROUP = amax_reduction_group
+    DEPTH[0] += 1
     try:
         yield
     finally:
         (FP8GlobalStateManager.FP8_ENABLED, FP8GlobalStateManager.FP8_RECIPE,
          FP8GlobalStateManager.FP8_DISTRIBUTED_GROUP) = state
+        DEPTH[0] -= 1
+        if enabled and DEPTH[0] == 0 and torch.is_grad_enabled():
+            reduce_amax_buffers()
 
 
 class activation_recompute_forward(contextlib.AbstractContextManager):
@@ -136,6 +167,10 @@ class _Module(nn.Module):
         if not self.fp8:
             return
         self.recipe = FP8GlobalStateManager.FP8_RECIPE
+        if isinstance(self.recipe, DelayedScaling) and not self.in_amax_buffer:
+            group = FP8GlobalStateManager.FP8_DISTRIBUTED_GROUP
+            AMAX_BUFFERS.setdefault((str(self.recipe), id(group)), (group, []))[1].append(self)
+            self.in_amax_buffer = True
         align = 32 if isinstance(self.recipe, MXFP8BlockScaling) else 16
         dims = [d for w in weights for d in w.shape]
         assert all(r % align == 0 for r in rows + dims), f"FP8 GEMM dims {rows} {dims} vs {align}"
@@ -145,6 +180,7 @@ class _Module(nn.Module):
 
     def _init_fp8(self):
         self.fp8, self.recipe, self.amax_records, self.stash = False, None, 0, deque()
+        self.in_amax_buffer = False
 
     def get_extra_state(self):
         if not self.fp8:
@@ -234,6 +270,7 @@ def fake_te(monkeypatch):
     monkeypatch.setattr(fp8_te, "check_device", lambda device: None)  # the fake runs on CPU
     AUTOCASTS.clear()
     UNAVAILABLE.clear()
+    AMAX_BUFFERS.clear()
     yield modules["transformer_engine.pytorch"]
     torch.set_num_threads(threads)
 
@@ -257,14 +294,15 @@ def test_only_the_chosen_modules_are_swapped_and_the_keys_stay():
     for name, m in plain.named_modules():
         new = te_model.get_submodule(name)
         if name in names:
-            assert type(new).__name__ in ("PaddedTELinear", "TEGroupedExperts"), name
+            assert type(new) in (fp8_te.TELinear, fp8_te.TEGroupedExperts), name
         elif isinstance(m, (nn.Linear, GroupedExperts)):
             assert type(new) is type(m), name
     assert {"layers.1.mlp.experts", "layers.2.linear_attn.out_proj"} <= names
     assert "lm_head" not in names and not any(n.startswith("layers.0.") for n in names)
     old, new = set(plain.state_dict()), set(te_model.state_dict())
     assert old <= new and all(k.endswith("_extra_state") for k in new - old)
-    assert "layers.1.mlp.experts.te_gate_up._extra_state" in new
+    assert {"layers.1.mlp.experts.te_gate_up._extra_state",
+            "layers.2.linear_attn.out_proj._extra_state"} <= new
     assert [n for n, _ in plain.named_parameters()] == [n for n, _ in te_model.named_parameters()]
 
 
@@ -283,7 +321,7 @@ def test_the_swapped_model_computes_the_same_function():
     grads = dict(te_model.named_parameters())
     for name, p in plain.named_parameters():
         torch.testing.assert_close(p.grad, grads[name].grad, msg=name)
-    assert te_model.get_submodule("layers.1.mlp.shared_expert.down_proj").fp8  # ran in "FP8"
+    assert te_model.get_submodule("layers.1.mlp.shared_expert.down_proj").te.fp8  # ran in "FP8"
 
 
 @pytest.mark.parametrize("recipe,align", [("delayed", 16), ("mxfp8", 32)])
@@ -363,6 +401,9 @@ def test_fp8_state_survives_a_dcp_checkpoint(tmp_path):
     state = fresh.state_dict()
     assert state[key] == model.state_dict()[key] != b""
     assert fresh.layers[1].mlp.experts.te_gate_up.amax_records == 1
+    linear = "layers.1.mlp.shared_expert.down_proj"  # a TELinear's: its te.Linear's state
+    assert state[f"{linear}._extra_state"] == model.state_dict()[f"{linear}._extra_state"] != b""
+    assert fresh.get_submodule(linear).te.amax_records == 1
 
 
 @pytest.mark.parametrize("older_te", [False, True])
@@ -389,7 +430,7 @@ def test_activation_checkpointing_recomputes_with_the_forward_state(fake_te, mon
     ref(x.detach()).square().sum().backward()
     for a, b in zip(ref.parameters(), model.parameters()):
         torch.testing.assert_close(a.grad, b.grad)
-    for m in (model[0], model[2]):
+    for m in (model[0].te, model[2].te):
         assert m.amax_records == 1 and not m.stash
     assert FP8GlobalStateManager.FP8_RECIPE is None and not RECOMPUTE["phase"]  # all restored
 
@@ -407,12 +448,130 @@ def test_clear_errors(monkeypatch):
     UNAVAILABLE["is_mxfp8_available"] = "Device compute capability 10.0 or higher required"
     with pytest.raises(RuntimeError, match="recipe='mxfp8' is not supported here: Device compute"):
         fp8_te.apply_te(nn.Linear(32, 32), [], mxfp8, CPU)
-    ex = nn.ModuleDict({"ex": GroupedExperts(4, 32, 16)})
-    fp8_te.apply_te(ex, ["ex"], TE, CPU)
-    with pytest.raises(RuntimeError, match="parallel.ep=2 and precision.grouped_experts=true"):
-        ex["ex"](torch.randn(4, 32), torch.tensor([2, 2]))  # 2 of 4 experts: an ep=2 rank's share
-    assert "parallel.tp=2" in fp8_te.te_layout_error(2, 1, True)
-    assert fp8_te.te_layout_error(1, 4, False) is None
+    with pytest.raises(ValueError, match="recipe='delayed', parallel.ep=2 and precision.grouped"):
+        fp8_te.apply_te(nn.ModuleDict({"ex": GroupedExperts(4, 32, 16)}), ["ex"], TE, CPU, ep_size=2)
+    assert fp8_te.te_layout_error(4, False, "delayed") is None
+    assert fp8_te.te_layout_error(4, True, "tensorwise") is None
+    ex = nn.ModuleDict({"ex": GroupedExperts(4, 32, 16)})  # built for 2 experts, runs all 4
+    fp8_te.apply_te(ex, ["ex"], PrecisionConfig(backend="te", recipe="tensorwise"), CPU, ep_size=2)
+    with pytest.raises(RuntimeError, match="built for 2 experts per rank, this rank computes 4"):
+        ex["ex"](torch.randn(4, 32), torch.tensor([1, 1, 1, 1]))
     monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", None)  # the import fails
     with pytest.raises(RuntimeError, match="cannot import transformer_engine.pytorch.*fp8_emulated"):
         fp8_te.apply_te(nn.Linear(32, 32), [], TE, CPU)
+
+
+# ---- parallel layouts (2 gloo ranks) -----------------------------------------------------------------
+
+def _te_layout_worker(rank, world, sizes, recipe):
+    """Two AdamW steps (fp64) of the tiny model with every policy-chosen GEMM through the fake TE,
+    under the layout `sizes`, against the plain model in one process accumulating every dp rank's
+    batch: the fake computes the plain function, so losses and gathered gradients match."""
+    from parallel.plan import parallelize
+    from tests.test_parallel_plans import full
+    from tests.test_pipeline import model_inputs, text_batch
+    from train.fp8_policy import apply_precision, fp8_amax_group
+
+    cfg = load_model_config("tiny")
+    torch.manual_seed(0)
+    ref = Qwen35LM(cfg).double()
+    model = copy.deepcopy(ref)
+    pcfg = ParallelConfig(**sizes)
+    meshes = build_meshes(validate_layout(pcfg, cfg, world, seq_len=32), "cpu")
+    p = PrecisionConfig(backend="te", recipe=recipe, keep_first_n=0, keep_last_n=0)
+    fp8, _ = apply_precision(model, p, CPU, fp8_amax_group(meshes), pcfg.ep)
+    parallelize(model, meshes, pcfg, CPU, fp8.checkpoint_contexts)
+    if pcfg.tp > 1:  # row-parallel: TELinear computes on the DTensor's local shard
+        assert model.layers[3].self_attn.o_proj.weight.placements == (Shard(1),)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, foreach=False)
+    dp = meshes.dp_size
+    for step in range(2):
+        batches = [text_batch(10 * step + r) for r in range(dp)]
+        total = sum(b["num_tokens"] for b in batches)
+        ref_opt.zero_grad()
+        ref_losses = []
+        for b in batches:
+            out = ref(**model_inputs(b))
+            (out.loss * b["num_tokens"] / total).backward()
+            ref_losses.append(float(out.loss))
+        mine = batches[meshes.dp_rank]
+        opt.zero_grad()
+        with fp8.autocast():
+            out = model(**model_inputs(mine))
+        (out.loss * mine["num_tokens"] / total).backward()
+        match_grad_placements(model.parameters())
+        assert abs(float(out.loss) - ref_losses[meshes.dp_rank]) < 1e-10, (step, float(out.loss))
+        ref_params = dict(ref.named_parameters())
+        bad = [n for n, q in model.named_parameters() if q.grad is not None and not torch.allclose(
+            full(q.grad), ref_params[n].grad, rtol=1e-8, atol=1e-11)]
+        assert not bad, f"step {step} rank {rank}: {bad}"
+        opt.step()
+        ref_opt.step()
+    experts = model.layers[1].mlp.experts
+    assert experts.te_gate_up.num_gemms == 8 // pcfg.ep and experts.te_gate_up.amax_records == 2
+    assert model.layers[1].mlp.shared_expert.down_proj.te.amax_records == 2  # ran "FP8" twice
+
+
+@pytest.mark.parametrize("world,sizes,recipe", [
+    (2, {"tp": 2, "activation_checkpoint": "full"}, "delayed"),
+    (2, {"dp_shard": 2, "ep": 2}, "tensorwise"),
+], ids=["tp2-ac-delayed", "ep2-fsdp2-tensorwise"])
+def test_te_layout_matches_one_process(world, sizes, recipe):
+    """TE under tensor + sequence parallelism (column- and row-parallel DTensor weights, and the
+    mixers' local shards) and under expert parallelism with FSDP2 (each rank's GroupedLinears
+    built for its 4 of the 8 experts)."""
+    from tests.distributed import run_ranks
+
+    run_ranks(world, _te_layout_worker, sizes, recipe)
+
+
+def _vision_tower_worker(rank, world):
+    from tests.test_pipeline import model_inputs, text_batch
+    from tests.vision_fixtures import ToyTokenizer, caption_batch
+
+    batch = caption_batch(ToyTokenizer(), 0, rows=2) if rank == 0 else text_batch(0)
+    group = dist.group.WORLD
+    torch.manual_seed(0)
+    model = Qwen35LM(load_model_config("tiny_vl")).double()
+    # The ViT's layers in FP8 too (as the emulated policy has them): rank 1 has no image, so the
+    # two ranks' delayed-scaling amax buffers differ.
+    names = chosen(model, PrecisionConfig(backend="emulated"))
+    assert any(n.startswith("visual.") for n in names)
+    factory = fp8_te.apply_te(model, names, TE, CPU, group)
+    with pytest.raises(RuntimeError, match="amax buffers differ across ranks"):
+        with factory():
+            model(**model_inputs(batch))
+    AMAX_BUFFERS.clear()
+    torch.manual_seed(0)
+    model = Qwen35LM(load_model_config("tiny_vl")).double()
+    fp8, _ = apply_precision(model, TE, CPU, group)  # the policy keeps the ViT in BF16
+    assert not any(isinstance(m, fp8_te.TELinear) for m in model.visual.modules())
+    for _ in range(2):
+        with fp8.autocast():
+            out = model(**model_inputs(batch))
+        out.loss.backward()
+
+
+def test_vision_tower_stays_bf16_under_te_delayed_scaling():
+    """TE's delayed scaling all-reduces, at the autocast's exit, the amaxes of every FP8 module a
+    rank has run (the fake does it as TE does); a rank whose micro-batch has no image skips the
+    vision tower, so the policy keeps the ViT's layers in BF16 with that recipe. TE's other
+    recipes keep no state across ranks and keep the ViT in FP8."""
+    from tests.distributed import run_ranks
+
+    vl = Qwen35LM(load_model_config("tiny_vl"))
+    rows = {r.name: r for r in precision_table(vl, TE)}
+    assert rows["visual.blocks.0.attn.qkv"].precision == "bf16"
+    assert "image-less ranks" in rows["visual.blocks.0.attn.qkv"].reason
+    assert "visual.blocks.0.attn.qkv" in chosen(vl, PrecisionConfig(backend="te", recipe="tensorwise"))
+    run_ranks(2, _vision_tower_worker, timeout_s=60)
+
+
+def test_config_refuses_delayed_scaling_of_expert_parallel_experts(monkeypatch):
+    from model.config import ConfigError
+    from train.main import load_config
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="recipe='delayed', parallel.ep=2 and precision.grouped"):
+        load_config(["model=tiny", "precision=fp8_te", "parallel.ep=2"])

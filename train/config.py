@@ -141,5 +141,11 @@ def validate_config(cfg: RootConfig) -> RootConfig:
         raise ConfigError(f"train.heldout_caption_docs={t.heldout_caption_docs}: the held-out caption "
                           f"check runs the whole model in one forward, not through the pipeline; set "
                           f"it to 0 with parallel.pp={cfg.parallel.pp}")
+    if cfg.precision.backend == "te":  # the layout, before the checks of this machine's GPU
+        from train.fp8_te import te_layout_error  # imports torch, not TE
+
+        error = te_layout_error(cfg.parallel.ep, cfg.precision.grouped_experts, cfg.precision.recipe)
+        if error:
+            raise ConfigError(error)
     validate_precision(cfg.precision, cfg.model.num_layers, t.device)
     return cfg

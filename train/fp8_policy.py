@@ -27,6 +27,11 @@ _LAYER = re.compile(r"^layers\.(\d+)\.")
 NOT_SWAPPED = {"embedding": "embedding: a lookup, not a GEMM",
                "router": "router: computed in fp32 by the model (model/moe.py)",
                "conv": "convolution: not swapped by the FP8 backends"}
+# Under TE's delayed scaling every rank max-reduces the amaxes of all the FP8 modules it has run
+# (at the autocast's exit, and in backward), and they must be the same modules on every rank; a
+# rank whose micro-batch has no image skips the vision tower. (TE's other recipes keep no state
+# across ranks.)
+TE_DELAYED_VISION = "vision tower: TE delayed scaling all-reduces amaxes, image-less ranks skip it"
 
 
 @dataclass
@@ -79,6 +84,8 @@ def decide(name: str, m: nn.Module, kind: str, p: PrecisionConfig, num_layers: i
             return "bf16", f"exclude {pat!r}"
     if kind not in FP8_KINDS:
         return "bf16", NOT_SWAPPED[kind]
+    if p.backend == "te" and p.recipe == "delayed" and name.startswith("visual."):
+        return "bf16", TE_DELAYED_VISION
     layer = _LAYER.match(name)
     if layer:
         i = int(layer.group(1))
@@ -157,12 +164,14 @@ def fp8_amax_group(meshes) -> Optional[dist.ProcessGroup]:
 
 
 def apply_precision(model: nn.Module, p: PrecisionConfig, device: torch.device,
-                    amax_reduction_group=None) -> tuple[Optional[Fp8Hooks], str]:
+                    amax_reduction_group=None, ep_size: int = 1) -> tuple[Optional[Fp8Hooks], str]:
     """Apply the policy to a freshly built, unparallelised model in place.
 
     Returns (the hooks to wire in, None with FP8 off; the table text to log).
     `amax_reduction_group`: the process group whose ranks share FP8 scales (see
-    `fp8_amax_group`); None: local amaxes.
+    `fp8_amax_group`); None in a single process (the emulated backend then keeps local amaxes,
+    TE would reduce over the default group). `ep_size`: parallel.ep, which will shard the experts
+    (TE builds its grouped GEMMs for the local ones).
     """
     rows = precision_table(model, p)
     text = format_table(rows, p, model)
@@ -182,7 +191,7 @@ def apply_precision(model: nn.Module, p: PrecisionConfig, device: torch.device,
         return Fp8Hooks(fp8_emulated.fp8_autocast, fp8_emulated.checkpoint_contexts), text
     from train import fp8_te  # only here: importing TE needs CUDA libraries
 
-    autocast = fp8_te.apply_te(model, chosen, p, device, amax_reduction_group)
+    autocast = fp8_te.apply_te(model, chosen, p, device, amax_reduction_group, ep_size)
     return Fp8Hooks(autocast, fp8_te.checkpoint_contexts), text
 
 

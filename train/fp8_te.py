@@ -2,20 +2,29 @@
 transformer_engine itself is imported inside the functions: it needs CUDA libraries, and a
 half-installed TE breaks at import.
 
-- Each chosen nn.Linear becomes a te.Linear (weights copied; TE names its parameters `weight`
-  and `bias` too, so the state-dict keys stay, plus `<module>._extra_state`: TE's FP8 scaling state,
-  i.e. delayed scaling's amax histories and scales, saved and restored with the checkpoint).
-- Each chosen GroupedExperts becomes a TEGroupedExperts: the stacked `gate_up_proj` / `down_proj`
-  parameters stay (names, checkpoint layout and optimizer state unchanged) and every forward
-  hands TE's GroupedLinear per-expert views of them, on expert groups padded to 16 rows (32 for
-  MXFP8) as FP8 GEMMs require.
-- The forward runs under TE's autocast (`te.autocast`, or `te.fp8_autocast` on TE versions
+The chosen modules keep their own parameters (names, checkpoint layout, optimizer state, and the
+sharding that FSDP2, the tensor-parallel plan and expert parallelism apply to them); a private TE
+module computes their GEMMs on tensors lent to it for each call (TE reads its weights with
+getattr on every forward):
+
+- each chosen nn.Linear becomes a TELinear, still an nn.Linear (so the tensor-parallel styles
+  shard it like any Linear), whose GEMM runs through `.te`, a te.Linear without weights of its
+  own; under a column- or row-parallel plan it computes on the local shard and returns a
+  DTensor, as train/fp8_emulated.py's EmulatedFp8Linear does. Token rows are padded to 16 (32
+  for MXFP8);
+- each chosen GroupedExperts becomes a TEGroupedExperts, whose two te.GroupedLinear children
+  (one GEMM per expert of this rank: E / parallel.ep) get per-expert views of the stacked
+  `gate_up_proj` / `down_proj`, on expert groups padded to 16 rows (32 for MXFP8);
+- TE's FP8 scaling state (delayed scaling's amax histories and scales) is checkpointed, as
+  bytes, in `<module>._extra_state` (experts: `<module>.te_gate_up._extra_state`, `.te_down`);
+- the forward runs under TE's autocast (`te.autocast`, or `te.fp8_autocast` on TE versions
   before the rename) with the recipe from config and the caller's amax reduction group;
   `checkpoint_contexts` makes activation checkpointing's recompute reuse the forward's scales.
 
 Checked against TE's source (module/linear.py, module/grouped_linear.py, module/base.py,
 quantization.py / fp8.py, distributed.py, common/recipe); tests/test_fp8_te.py checks the wiring
-on CPU against a fake TE with the same signatures, benchmarks/gpu_check.py runs it on a GPU.
+on CPU against a fake TE with the same signatures, also under tensor, expert and FSDP2
+parallelism; benchmarks/gpu_check.py runs it on a GPU.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from typing import Callable, ContextManager, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, Partial, Shard
 
 from model.moe import GroupedExperts
 from train.fp8_config import PrecisionConfig
@@ -72,18 +82,19 @@ def _state_manager():
     return FP8GlobalStateManager
 
 
-def te_layout_error(tp: int, ep: int, grouped_experts: bool) -> Optional[str]:
+def te_layout_error(ep: int, grouped_experts: bool, recipe: str) -> Optional[str]:
     """Why precision.backend='te' cannot run with this parallel layout, or None; for the config
     checks, which run before anything is built."""
-    if tp > 1:
-        return (f"precision.backend='te' with parallel.tp={tp}: the tensor-parallel plan "
-                f"(parallel/tensor_parallel.py) shards nn.Linear layers as DTensors, which te.Linear "
-                f"neither is nor computes on; use parallel.tp=1 (FSDP2 shards the weights) or "
-                f"precision=fp8_emulated")
-    if ep > 1 and grouped_experts:
-        return (f"precision.backend='te' with parallel.ep={ep} and precision.grouped_experts=true: "
-                f"te.GroupedLinear is sized for all experts, expert parallelism hands each rank "
-                f"its share; set precision.grouped_experts=false (experts in BF16) or parallel.ep=1")
+    if ep > 1 and grouped_experts and recipe == "delayed":
+        # TE keeps a GroupedLinear's amax histories per GEMM slot, i.e. per local expert, and
+        # max-reduces them over the whole amax group, where each ep rank holds other experts in
+        # the same slots; a checkpoint keeps one rank's copy of that opaque state.
+        return (f"precision.backend='te' with precision.recipe='delayed', parallel.ep={ep} and "
+                f"precision.grouped_experts=true: TE's delayed scaling keeps per-expert amax "
+                f"histories per GEMM slot, which under expert parallelism hold other experts on "
+                f"each rank (their amaxes would be mixed, and a checkpoint keeps one rank's); use "
+                f"precision.recipe=tensorwise, mxfp8 or blockwise (no state across ranks), "
+                f"precision.grouped_experts=false (experts in BF16) or parallel.ep=1")
     return None
 
 
@@ -167,12 +178,29 @@ def _in_state(state, get_state, set_state, inner: ContextManager):
         set_state(previous)
 
 
-class _BytesExtraState:
-    """Mixin: TE keeps a module's FP8 scaling state in `_extra_state` as a uint8 tensor (a pickle)
-    that is empty until the module's first FP8 forward. DCP loads tensors in place and refuses a
-    saved one of another size, so a resume, which builds the model afresh, fails
-    (TransformerEngine issue 1860); as bytes the state is an object to DCP, stored and handed
-    back whole."""
+class _LentWeights:
+    """Mixin for a TE module that owns no weights: TE allocates its parameters at construction,
+    they are dropped, and `lend` puts the caller's tensors in their slots for one call (TE reads
+    them with getattr in every forward: Linear._get_weight_tensors / GroupedLinear's
+    `weight{i}`). Autograd takes their gradients back to the caller's parameters.
+
+    TE keeps the FP8 scaling state in `_extra_state`, a uint8 tensor (a pickle) that is empty
+    until the module's first FP8 forward. DCP loads tensors in place and refuses a saved one of
+    another size, so a resume, which builds the model afresh, fails (TransformerEngine issue
+    1860); as bytes the state is an object to DCP, stored and handed back whole."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name in self._parameters:
+            self._parameters[name] = None
+
+    def lend(self, tensors: dict[str, torch.Tensor], *args) -> torch.Tensor:
+        self._parameters.update(tensors)
+        try:
+            return self(*args)
+        finally:
+            for name in tensors:
+                self._parameters[name] = None
 
     def get_extra_state(self):
         state = super().get_extra_state()
@@ -187,81 +215,102 @@ class _BytesExtraState:
 
 @functools.lru_cache(maxsize=None)
 def te_classes(te) -> tuple[type, Optional[type]]:
-    """(PaddedTELinear, TEGroupedLinear or None when this TE has no GroupedLinear), built on the
-    imported TE (its classes exist only once TE is imported)."""
-
-    class PaddedTELinear(_BytesExtraState, te.Linear):
-        """te.Linear that pads the token rows to a multiple of `align` (FP8 GEMMs need it; the
-        vision tower's patch counts are arbitrary). x [..., K] -> [..., N]."""
-
-        align = FP8_ROW_ALIGN
-
-        def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-            x2 = x.reshape(-1, x.shape[-1])
-            rows = x2.shape[0]
-            pad = (-rows) % self.align
-            if pad:
-                x2 = F.pad(x2, (0, 0, 0, pad))
-            y = super().forward(x2, *args, **kwargs)
-            return y[:rows].view(*x.shape[:-1], y.shape[-1])
-
-    if not hasattr(te, "GroupedLinear"):
-        return PaddedTELinear, None
-
-    class TEGroupedLinear(_BytesExtraState, te.GroupedLinear):
-        """te.GroupedLinear without weights of its own: each call hands it per-expert weights.
-        GroupedLinear.forward reads `getattr(self, f"weight{i}")`, so the views go into
-        `_parameters` for the call (as plain tensors: autograd takes their gradients back to the
-        stacked parameter) and out again after. x [M, K], m_splits [E] -> [M, N]."""
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            for i in range(self.num_gemms):  # TE's own allocations, never used
-                self._parameters[f"weight{i}"] = None
-
-        def forward(self, x: torch.Tensor, m_splits: list[int], weights) -> torch.Tensor:
-            for i, w in enumerate(weights):
-                self._parameters[f"weight{i}"] = w
-            try:
-                return super().forward(x, m_splits)
-            finally:
-                for i in range(len(weights)):
-                    self._parameters[f"weight{i}"] = None
-
-    return PaddedTELinear, TEGroupedLinear
+    """(te.Linear, te.GroupedLinear or None when this TE has none), both without weights of their
+    own (`_LentWeights`), built on the imported TE (its classes exist only once it is imported)."""
+    linear = type("TELinearCore", (_LentWeights, te.Linear), {})
+    grouped = getattr(te, "GroupedLinear", None)
+    if grouped is not None:
+        grouped = type("TEGroupedLinear", (_LentWeights, grouped), {})
+    return linear, grouped
 
 
-def to_te_linear(linear_cls: type, lin: nn.Linear, device: torch.device, align: int) -> nn.Module:
-    new = linear_cls(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                     params_dtype=lin.weight.dtype, device=device)
-    new.align = align
-    with torch.no_grad():
-        new.weight.copy_(lin.weight)
-        if lin.bias is not None:
-            new.bias.copy_(lin.bias)
-    return new
+class TELinear(nn.Linear):
+    """nn.Linear whose GEMM runs through `self.te` (a te.Linear that owns no weights) on this
+    module's weight and bias, token rows padded to a multiple of `te_align`. x [..., K] -> [..., N].
+
+    Under the tensor-parallel plan the weight is a DTensor (parallel/tensor_parallel.py's
+    ColwiseParallel / RowwiseParallel); inside a LocalCompute region (the mixers) the forward
+    already sees the local shard as a plain tensor."""
+
+    def setup_te(self, core_cls: type, device: torch.device, align: int) -> None:
+        # Not a registered submodule: the tensor-parallel styles shard the `weight` of every
+        # submodule, and this one has none. TE's FP8 state is this module's extra state.
+        self.__dict__["te"] = core_cls(self.in_features, self.out_features,
+                                       bias=self.bias is not None, params_dtype=self.weight.dtype,
+                                       device=device)
+        self.te_align = align
+
+    def get_extra_state(self):
+        return self.te.get_extra_state()
+
+    def set_extra_state(self, state) -> None:
+        self.te.set_extra_state(state)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, GEMM through transformer_engine"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.weight, DTensor):
+            return self._tensor_parallel_forward(x)
+        return self._gemm(x, self.weight, self.bias)
+
+    def _gemm(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        rows = x2.shape[0]
+        pad = (-rows) % self.te_align
+        if pad:
+            x2 = F.pad(x2, (0, 0, 0, pad))
+        lent = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+        y = self.te.lend(lent, x2)  # TE reads the GEMM's shape from the weight it is lent
+        return y[:rows].view(*x.shape[:-1], y.shape[-1])
+
+    def _tensor_parallel_forward(self, x: DTensor) -> DTensor:
+        """Column-parallel (weight Shard(0)): replicated input, output sharded on its last dim;
+        row-parallel (Shard(1)): input sharded on its last dim, output a partial sum, which the
+        style reduces. TE multiplies the local shards; delayed scaling's amaxes are max-reduced
+        over the autocast's group (the tp ranks among them), so a weight's scale is the whole
+        weight's, as without tensor parallelism."""
+        if self.bias is not None:
+            raise NotImplementedError("TE under tensor parallelism: linear layers with a bias are "
+                                      "not sharded by the plans")
+        column = self.weight.placements[0] == Shard(0)
+        # Column-parallel: the input is replicated and its gradient a partial sum over the ranks.
+        x_local = x.to_local(grad_placements=[Partial()] if column else None)
+        y = self._gemm(x_local, self.weight.to_local(), None)
+        return DTensor.from_local(y, self.weight.device_mesh,
+                                  [Shard(y.dim() - 1)] if column else [Partial()], run_check=False)
 
 
 class TEGroupedExperts(GroupedExperts):
     """GroupedExperts whose two grouped GEMMs run through te.GroupedLinear on per-expert views
     of the stacked parameters (one unbind each, so the backward stacks the expert gradients in
-    one op). x [M, D] sorted by expert, tokens_per_expert [E] -> [M, D]."""
+    one op). Under expert parallelism (parallel/expert_parallel.py) the forward sees this rank's
+    shard of them, and the GroupedLinears are built for E / ep experts.
+    x [M, D] sorted by expert, tokens_per_expert [E / ep] -> [M, D]."""
 
-    def setup_te(self, grouped_cls: type, device: torch.device, align: int) -> None:
+    def setup_te(self, grouped_cls: type, device: torch.device, align: int, ep_size: int) -> None:
         e, two_i, d = self.gate_up_proj.shape
         kw = dict(bias=False, params_dtype=self.gate_up_proj.dtype, device=device)
-        self.te_gate_up = grouped_cls(e, d, two_i, **kw)
-        self.te_down = grouped_cls(e, two_i // 2, d, **kw)
+        self.te_gate_up = grouped_cls(e // ep_size, d, two_i, **kw)
+        self.te_down = grouped_cls(e // ep_size, two_i // 2, d, **kw)
         self.te_align = align
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        local = tokens_per_expert.numel()
-        if local != self.te_gate_up.num_gemms:  # the local experts of expert parallelism
-            raise RuntimeError(te_layout_error(1, self.te_gate_up.num_gemms // local, True))
+        gate_up, down = self.gate_up_proj, self.down_proj  # this rank's experts
+        if gate_up.shape[0] != self.te_gate_up.num_gemms:
+            raise RuntimeError(f"TEGroupedExperts: TE's GroupedLinear was built for "
+                               f"{self.te_gate_up.num_gemms} experts per rank, this rank computes "
+                               f"{gate_up.shape[0]}; pass parallel.ep to apply_precision (ep_size)")
+        if x.shape[0] == 0:  # an expert-parallel rank that received no tokens
+            return super().forward(x, tokens_per_expert)
         xp, counts, dest = pad_groups(x, tokens_per_expert, self.te_align)
         m_splits = counts.tolist()  # TE takes the split sizes on the host
-        gate, up = self.te_gate_up(xp, m_splits, self.gate_up_proj.unbind(0)).chunk(2, dim=-1)
-        out = self.te_down(F.silu(gate) * up, m_splits, self.down_proj.unbind(0))
+
+        def weights(w: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {f"weight{i}": we for i, we in enumerate(w.unbind(0))}
+
+        gate, up = self.te_gate_up.lend(weights(gate_up), xp, m_splits).chunk(2, dim=-1)
+        out = self.te_down.lend(weights(down), F.silu(gate) * up, m_splits)
         return out[dest]
 
 
@@ -275,28 +324,32 @@ def _check_dims(name: str, m: nn.Module, p: PrecisionConfig, align: int) -> None
 
 
 def apply_te(model: nn.Module, names: list[str], p: PrecisionConfig, device: torch.device,
-             amax_reduction_group=None) -> Callable[[], ContextManager]:
-    """Swap the modules named in `names` for TE ones; return the factory of the FP8 autocast."""
+             amax_reduction_group=None, ep_size: int = 1) -> Callable[[], ContextManager]:
+    """Swap the modules named in `names` for TE ones, in place, before any parallelism is applied
+    (`ep_size`: the expert-parallel size that will shard the experts); return the factory of the
+    FP8 autocast."""
     check_device(device)
     te = import_te()
     check_recipe_supported(te, p)
+    chosen = [model.get_submodule(name) for name in names]
+    error = te_layout_error(ep_size, any(type(m) is GroupedExperts for m in chosen), p.recipe)
+    if error:
+        raise ValueError(error)
     recipe = make_recipe(p)
     linear_cls, grouped_cls = te_classes(te)
     align = TE_ALIGN.get(p.recipe, FP8_ROW_ALIGN)
-    for name in names:
-        _check_dims(name, model.get_submodule(name), p, align)
-    for name in names:
-        m = model.get_submodule(name)
+    for name, m in zip(names, chosen):
+        _check_dims(name, m, p, align)
+    for name, m in zip(names, chosen):
         if type(m) is nn.Linear:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child,
-                    to_te_linear(linear_cls, m, device, align))
+            m.__class__ = TELinear
+            m.setup_te(linear_cls, device, align)
         elif type(m) is GroupedExperts:
             if grouped_cls is None:
                 raise RuntimeError("precision.grouped_experts=true but this Transformer Engine has "
                                    "no GroupedLinear; upgrade TE or set precision.grouped_experts=false")
             m.__class__ = TEGroupedExperts
-            m.setup_te(grouped_cls, device, align)
+            m.setup_te(grouped_cls, device, align, ep_size)
         else:
             raise TypeError(f"{name}: the TE backend swaps nn.Linear and GroupedExperts, "
                             f"not {type(m).__name__}")

@@ -62,7 +62,7 @@ class Trainer:
         # FP8 policy: swaps the chosen GEMM modules, before any parallelism wraps the model.
         # FP8 scales are shared by the ranks that run the same layers (all but other pp stages).
         fp8, precision_table = apply_precision(self.model, cfg.precision, self.device,
-                                               fp8_amax_group(self.meshes))
+                                               fp8_amax_group(self.meshes), cfg.parallel.ep)
         log.info("%s", precision_table)
         self.fp8_autocast = fp8.autocast if fp8 is not None else contextlib.nullcontext
         # Activation checkpointing's recompute must quantise as the forward did.
