@@ -30,8 +30,9 @@ import glob
 import logging
 import os
 import random
+import lzma
 import re
-import tarfile
+import zlib
 from typing import Any, Callable, Iterator, Optional
 
 from webdataset.gopen import gopen
@@ -39,6 +40,7 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
 from data.format import BadSample
+from data.tar import TarError, iter_files, open_tar_stream
 
 log = logging.getLogger("data")
 URL = re.compile(r"^[a-z][a-z0-9+.-]*:", re.I)  # pipe:, http:, s3:, gs:, file: ...
@@ -107,27 +109,24 @@ def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
     except Exception as e:  # noqa: BLE001 - any opener failure is a bad shard
         raise BadSample("unreadable_shard", f"{url}: cannot open: {e}") from None
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|*")
         current: Optional[dict[str, Any]] = None
-        for info in tar:
-            if not info.isreg():
-                continue
-            key, ext = base_plus_ext(info.name)
-            if key is None or ext is None or os.path.basename(info.name).startswith("__"):
+        for name, read in iter_files(open_tar_stream(stream)):
+            key, ext = base_plus_ext(name)
+            if key is None or ext is None or os.path.basename(name).startswith("__"):
                 continue
             if current is not None and current["__key__"] != key:
                 # A new key starts: the previous sample is complete even if this file is damaged.
                 yield current
                 yielded += 1
                 current = None
-            data = tar.extractfile(info).read()
+            data = read()
             if current is None:
                 current = {"__key__": key, "__url__": url}
             current[ext.lower()] = data
         if current is not None:
             yield current
             yielded += 1
-    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+    except (TarError, OSError, EOFError, ValueError, zlib.error, lzma.LZMAError) as e:
         kind = "truncated_shard" if yielded else "unreadable_shard"
         raise BadSample(kind, f"{url}: {type(e).__name__}: {e} (after {yielded} samples)") from None
     finally:
