@@ -4,7 +4,7 @@
 
 Writes shards to a temp dir: `smoke`, the smoke run's synthetic shards (data/synthetic.py: 96x96
 PNG shapes, 8x64x64 GIF clips, text); `photos`, image-caption documents with 320x240 JPEG photos
-(smooth random scenes plus sensor noise, ~quality 90), the size class of web image-text data after
+(smooth random scenes plus sensor noise, ~quality 90) and 10-40 word captions, the size class of web image-text data after
 the usual resizing. Then times, round-robin in one process:
 - baseline: `webdataset.WebDataset(urls)` iterating the raw samples and decoding every image (and
   every GIF frame) to an RGB array with pillow: the decode cost any loader pays;
@@ -55,6 +55,7 @@ def bare_decode(urls: list[str], n: int) -> tuple[float, int, None, float]:
 def write_photos(out_dir: str, num_shards: int, docs_per_shard: int, seed: int = 11) -> list[str]:
     """Image-caption documents with 320x240 JPEG photos; -> the shard paths."""
     from data.format import ShardSink, encode_sample
+    from data.synthetic_text import synthetic_document
 
     rng = np.random.default_rng(seed)
     sink = ShardSink(out_dir, max_bytes=docs_per_shard * 24_000)
@@ -65,7 +66,9 @@ def write_photos(out_dir: str, num_shards: int, docs_per_shard: int, seed: int =
         pixels = np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 13, (240, 320, 3))
         buf = io.BytesIO()
         Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
-        caption = " ".join(f"word{int(w)}" for w in rng.integers(0, 500, rng.integers(8, 30)))
+        # A caption of 10-40 words of the smoke text (data/synthetic_text.py), which the smoke
+        # tokenizer was trained on, as real captions are on a real tokenizer's training data.
+        caption = " ".join(synthetic_document(seed, i).split()[:int(rng.integers(10, 40))])
         sink.write(f"{i:08d}", encode_sample(f"{i:08d}", [{"image": buf.getvalue(), "ext": "jpg"},
                                                           {"text": caption}]))
     sink.close()
