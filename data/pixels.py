@@ -19,8 +19,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from model.vision_processing import (VisualInput, resize, smart_resize, video_frame_indices,
-                                     video_to_patches)
+from model.vision_processing import (VisualInput, patch_layout, resize, smart_resize,
+                                     video_frame_indices, video_to_patches)
 
 
 def patchify_uint8(frames: torch.Tensor, patch_size: int, temporal_patch_size: int,
@@ -28,16 +28,9 @@ def patchify_uint8(frames: torch.Tensor, patch_size: int, temporal_patch_size: i
     """`model.vision_processing.patchify` for CPU uint8 frames [T, C, H, W] of any strides (e.g.
     a view of decoded [T, H, W, C] memory), in numpy: one strided copy.
     -> (patches [t*h*w, C*Tp*P*P], (t, h, w))."""
-    T, C, H, W = frames.shape
-    p, tp, m = patch_size, temporal_patch_size, merge_size
-    if T % tp or H % (p * m) or W % (p * m):
-        raise ValueError(f"frames {tuple(frames.shape)}: T must be a multiple of {tp} and H, W of "
-                         f"{p * m} (patch {p} x merge {m}); resize and pad first")
-    t, h, w = T // tp, H // p, W // p
-    a = frames.numpy().reshape(t, tp, C, h // m, m, p, w // m, m, p)
-    # -> [t, block_row, block_col, row_in_block, col_in_block, C, Tp, P, P]
-    a = np.ascontiguousarray(a.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8))
-    return torch.from_numpy(a.reshape(t * h * w, C * tp * p * p)), (t, h, w)
+    lay = patch_layout(frames.shape, patch_size, temporal_patch_size, merge_size)
+    a = np.ascontiguousarray(frames.numpy().reshape(lay.split).transpose(lay.order))
+    return torch.from_numpy(a.reshape(lay.out)), lay.grid
 
 
 def image_patches(image: torch.Tensor, patch_size: int, merge_size: int, min_pixels: int,

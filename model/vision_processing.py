@@ -121,21 +121,38 @@ def normalize_patches(pixels: torch.Tensor, mean: Sequence[float] = IMAGE_MEAN,
     return x
 
 
+@dataclass(frozen=True)
+class PatchLayout:
+    """How `patchify` rearranges frames [T, C, H, W]: view them as `split`, permute the dims by
+    `order`, flatten to `out`; `grid` = (t, h, w) in patches."""
+
+    split: tuple[int, ...]
+    order: tuple[int, ...]
+    out: tuple[int, int]
+    grid: tuple[int, int, int]
+
+
+def patch_layout(shape: Sequence[int], patch_size: int, temporal_patch_size: int,
+                 merge_size: int) -> PatchLayout:
+    T, C, H, W = shape
+    p, tp, m = patch_size, temporal_patch_size, merge_size
+    if T % tp or H % (p * m) or W % (p * m):
+        raise ValueError(f"frames {tuple(shape)}: T must be a multiple of {tp} and H, W of "
+                         f"{p * m} (patch {p} x merge {m}); resize and pad first")
+    t, h, w = T // tp, H // p, W // p
+    # [t, Tp, C, block_row, row_in_block, P, block_col, col_in_block, P]
+    # -> [t, block_row, block_col, row_in_block, col_in_block, C, Tp, P, P]
+    return PatchLayout((t, tp, C, h // m, m, p, w // m, m, p), (0, 3, 6, 4, 7, 2, 1, 5, 8),
+                       (t * h * w, C * tp * p * p), (t, h, w))
+
+
 def patchify(frames: torch.Tensor, patch_size: int = 16, temporal_patch_size: int = 2,
              merge_size: int = 2) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """[T, C, H, W] (T a multiple of temporal_patch_size, H and W of patch*merge) ->
     (pixel_values [t*h*w, C*Tp*P*P], (t, h, w)), patches in merge-block order and each patch's
     values ordered (C, Tp, P, P) as the Conv3d patch embedding reads them."""
-    T, C, H, W = frames.shape
-    p, tp, m = patch_size, temporal_patch_size, merge_size
-    if T % tp or H % (p * m) or W % (p * m):
-        raise ValueError(f"frames {tuple(frames.shape)}: T must be a multiple of {tp} and H, W of "
-                         f"{p * m} (patch {p} x merge {m}); resize and pad first")
-    t, h, w = T // tp, H // p, W // p
-    x = frames.reshape(t, tp, C, h // m, m, p, w // m, m, p)
-    # -> [t, block_row, block_col, row_in_block, col_in_block, C, Tp, P, P]
-    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    return x.reshape(t * h * w, C * tp * p * p), (t, h, w)
+    lay = patch_layout(frames.shape, patch_size, temporal_patch_size, merge_size)
+    return frames.reshape(lay.split).permute(lay.order).reshape(lay.out), lay.grid
 
 
 def process_image(image: torch.Tensor, patch_size: int = 16, temporal_patch_size: int = 2,
