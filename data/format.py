@@ -68,8 +68,12 @@ def parse_sample(sample: dict[str, Any]) -> list[dict[str, Any]]:
     """Raw sample (``json`` plus media keys -> bytes) -> segments, each ``{"text": str}``,
     ``{"image": bytes, "key": k}`` or ``{"video": bytes, "key": k, "fps": float | None}``.
 
-    Raises BadSample: missing_json, invalid_json, missing_key, empty_document.
+    Raises BadSample: split_sample, missing_json, invalid_json, missing_key, empty_document.
     """
+    if sample.get("__split__"):
+        raise BadSample("split_sample", "more files of this key come after other samples' files: "
+                        "webdataset reads a sample's files only when they are adjacent in the tar; "
+                        "write shards with `python -m data.write`, or `tar --sort=name -cf ...`")
     if "json" not in sample:
         raise BadSample("missing_json", "sample has no .json file")
     try:

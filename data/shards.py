@@ -97,7 +97,9 @@ def slot_plan(num_shards: int, slot: int, num_slots: int, epoch: int, seed: int,
 
 def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
     """Samples of one tar shard: dicts of extension -> bytes plus ``__key__`` and ``__url__``,
-    grouping consecutive files by key (webdataset's ``base_plus_ext`` rule).
+    grouping consecutive files by key (webdataset's ``base_plus_ext`` rule). A key that comes back
+    after another (a sample's files not adjacent, as `tar -C dir .` leaves them) marks the sample
+    ``__split__``: parse_sample then says how to write the shard.
 
     A shard that cannot be opened or read raises BadSample("unreadable_shard") before its first
     sample, or BadSample("truncated_shard") after the samples that were complete (the sample cut
@@ -110,6 +112,7 @@ def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
         raise BadSample("unreadable_shard", f"{url}: cannot open: {e}") from None
     try:
         current: Optional[dict[str, Any]] = None
+        done: set[str] = set()
         for name, read in iter_files(open_tar_stream(stream)):
             key, ext = base_plus_ext(name)
             if key is None or ext is None or os.path.basename(name).startswith("__"):
@@ -118,10 +121,13 @@ def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
                 # A new key starts: the previous sample is complete even if this file is damaged.
                 yield current
                 yielded += 1
+                done.add(current["__key__"])
                 current = None
             data = read()
             if current is None:
                 current = {"__key__": key, "__url__": url}
+                if key in done:
+                    current["__split__"] = True
             current[ext.lower()] = data
         if current is not None:
             yield current

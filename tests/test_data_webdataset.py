@@ -466,6 +466,13 @@ def test_bad_input_is_skipped_counted_and_loses_no_valid_sample(tmp_path, tok, c
     raw = (d / "a-000001.tar").read_bytes()
     (d / "a-000001.tar").write_bytes(raw[:3 * 1024 + 512 + 1000])
     (d / "a-000002.tar").write_bytes(b"this is not a tar file at all" * 40)  # non-tar
+    # A sample whose files are not adjacent (`tar -C dir .` order): missing_key, then split_sample.
+    with tarfile.open(d / "a-000003.tar", "w") as t:
+        split = json.dumps({"segments": [{"image": "1.png"}, {"text": " split"}]}).encode()
+        for name, data in (("z.json", split), ("y.json", text_doc(20)["json"]), ("z.1.png", png())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
     c = cfg(shards=f"{d}/a-*.tar", epochs=1, shuffle_shards=False, image_max_pixels=256 * 256)
     pipe = SlotPipeline(c, tok, resolve_sources(c), 0, 1)
     texts = []
@@ -477,12 +484,14 @@ def test_bad_input_is_skipped_counted_and_loses_no_valid_sample(tmp_path, tok, c
     from data.decode import has_video_decoder
     video_kind = "bad_video" if has_video_decoder() else "no_video_decoder"
     want = {"oversized_image": 1, "invalid_json": 1, "missing_json": 1, "bad_image": 2,
-            "missing_key": 1, "empty_document": 1, "truncated_shard": 1, "unreadable_shard": 1}
+            "missing_key": 2, "empty_document": 1, "truncated_shard": 1, "unreadable_shard": 1,
+            "split_sample": 1}
     want["bad_video"] = 1 + (video_kind == "bad_video")
     if video_kind == "no_video_decoder":
         want["no_video_decoder"] = 1
     assert dict(pipe.skipped) == want
     assert "truncated_shard" in caplog.text and "invalid_json" in caplog.text
+    assert "--sort=name" in caplog.text
     # Through the loader: counters as metrics.
     loader = build_loader(c)
     all_batches(loader)
