@@ -4,8 +4,8 @@
 
 Writes shards to a temp dir: `smoke`, the smoke run's synthetic shards (data/synthetic.py: 96x96
 PNG shapes, 8x64x64 GIF clips, text); `photos`, image-caption documents with 320x240 JPEG photos
-(smooth random scenes plus sensor noise, ~quality 90) and 10-40 word captions, the size class of web image-text data after
-the usual resizing. Then times, round-robin in one process:
+(smooth random scenes plus sensor noise, ~quality 90) and 10-40 word captions, the size class of
+web image-text data after the usual resizing. Then times, round-robin in one process:
 - baseline: `webdataset.WebDataset(urls)` iterating the raw samples and decoding every image (and
   every GIF frame) to an RGB array with pillow: the decode cost any loader pays;
 - the project's loader (experiment smoke_cpu's data config: B=8, T=256) with 0, 1 and 2
@@ -62,8 +62,9 @@ def write_photos(out_dir: str, num_shards: int, docs_per_shard: int, seed: int =
     for i in range(num_shards * docs_per_shard):
         # A smooth scene (bilinear upsampling of a coarse random grid) plus noise: JPEG sizes of
         # real photos (~20 kB here), not those of flat synthetic shapes.
-        coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((320, 240), Image.BILINEAR)
-        pixels = np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 13, (240, 320, 3))
+        coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+        pixels = (np.asarray(coarse.resize((320, 240), Image.BILINEAR), dtype=np.int16)
+                  + rng.integers(-12, 13, (240, 320, 3)))
         buf = io.BytesIO()
         Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
         # A caption of 10-40 words of the smoke text (data/synthetic_text.py), which the smoke

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import glob
 import logging
+import lzma
 import os
 import random
-import lzma
 import re
 import zlib
 from typing import Any, Callable, Iterator, Optional

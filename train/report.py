@@ -68,8 +68,9 @@ def caption_loss_gap(model, data_cfg, num_docs: int, device, amp_dtype, seed: in
                         v = visual[key]
                         lo, hi = float(v.min()), float(v.max())
                         noise = torch.rand(v.shape, generator=gen) * (hi - lo) + lo
-                        # uint8 patches (the loader's raw pixels) stay uint8: the model normalises them.
-                        visual[key] = noise.round().to(v.dtype) if v.dtype == torch.uint8 else noise.to(v.dtype)
+                        if v.dtype == torch.uint8:  # the loader's raw pixels, normalised by the model
+                            noise = noise.round()
+                        visual[key] = noise.to(v.dtype)
             inputs = {k: batch[k].to(device) for k in ("input_ids", "position_ids", "cu_seqlens")}
             inputs.update({k: v.to(device) for k, v in visual.items()})
             caption_labels = batch["labels"].masked_fill(~batch["caption_mask"], -100)
