@@ -16,6 +16,10 @@ ordered segments; media segments name their file by its media key::
   decord or PyAV. ``fps`` (optional) is the clip's frame rate when the file does not carry one.
 
 Image-caption pairs are ``[image, text]``, plain text is ``[text]``.
+
+Image-caption shards in the common img2dataset layout (``<key>.jpg`` or ``.png`` / ``.webp``, the
+caption in ``<key>.txt``, and a metadata ``<key>.json`` without segments, or none) are read as
+``[image, text]`` documents as they are.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import tarfile
 from typing import Any
 
 SEGMENT_KINDS = ("text", "image", "video")
+PAIR_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # an img2dataset sample's image, with its .txt
 
 
 class BadSample(Exception):
@@ -74,7 +79,10 @@ def parse_sample(sample: dict[str, Any]) -> list[dict[str, Any]]:
         raise BadSample("split_sample", "more files of this key come after other samples' files: "
                         "webdataset reads a sample's files only when they are adjacent in the tar; "
                         "write shards with `python -m data.write`, or `tar --sort=name -cf ...`")
+    pair = _image_caption_pair(sample)
     if "json" not in sample:
+        if pair:
+            return pair
         raise BadSample("missing_json", "sample has no .json file")
     try:
         meta = json.loads(sample["json"])
@@ -82,6 +90,8 @@ def parse_sample(sample: dict[str, Any]) -> list[dict[str, Any]]:
         raise BadSample("invalid_json", f"not JSON: {e}") from None
     segs = meta.get("segments") if isinstance(meta, dict) else None
     if not isinstance(segs, list):
+        if pair:  # img2dataset's metadata JSON
+            return pair
         raise BadSample("invalid_json", "JSON has no 'segments' list")
     out: list[dict[str, Any]] = []
     for i, seg in enumerate(segs):
@@ -105,6 +115,19 @@ def parse_sample(sample: dict[str, Any]) -> list[dict[str, Any]]:
     if not out:
         raise BadSample("empty_document", "no text and no media")
     return out
+
+
+def _image_caption_pair(sample: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """[image, caption] of an img2dataset-style sample (one image file plus a .txt), else None."""
+    images = [k for k in PAIR_IMAGE_KEYS if k in sample]
+    if len(images) != 1 or "txt" not in sample:
+        return None
+    try:
+        caption = sample["txt"].decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise BadSample("invalid_json", "the .txt caption is not UTF-8") from None
+    pair: list[dict[str, Any]] = [{"image": sample[images[0]], "key": images[0]}]
+    return pair + [{"text": caption}] if caption else pair
 
 
 def tar_member_bytes(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:

@@ -498,6 +498,33 @@ def test_bad_input_is_skipped_counted_and_loses_no_valid_sample(tmp_path, tok, c
     assert loader.metrics()["skipped/invalid_json"] == 1
 
 
+def test_img2dataset_shards_are_image_caption_documents(tmp_path, tok):
+    """The common image-text layout (<key>.jpg + <key>.txt caption + a metadata <key>.json
+    without segments, or no JSON) reads as [image, caption] documents."""
+    d = tmp_path / "i2d"
+    d.mkdir()
+    meta = json.dumps({"url": "http://example.com/a.jpg", "caption": "ignored", "width": 96}).encode()
+    buf = io.BytesIO()
+    Image.new("RGB", (96, 64), (200, 30, 30)).save(buf, "JPEG")
+    with tarfile.open(d / "i2d-000000.tar", "w") as t:
+        for key, files in (("000", {"jpg": buf.getvalue(), "txt": b"a red photo", "json": meta}),
+                           ("001", {"jpg": buf.getvalue(), "txt": b"another red photo"}),
+                           ("002", {"json": meta})):  # metadata alone: still invalid
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    c = cfg(shards=f"{d}/i2d-000000.tar", epochs=1, shuffle_shards=False)
+    pipe = SlotPipeline(c, tok, resolve_sources(c), 0, 1)
+    docs = []
+    while (doc := pipe.next_doc()) is not None:
+        docs.append(doc)
+    assert [tok.decode([t for t in doc.tokens[doc.items[0].end:] if t > 5]) for doc in docs] == \
+        ["a red photo", "another red photo"]
+    assert all(doc.items[0].visual.kind == "image" and doc.items[0].start == 0 for doc in docs)
+    assert dict(pipe.skipped) == {"invalid_json": 1}
+
+
 def test_video_through_pyav(tmp_path, tok):
     av = pytest.importorskip("av")
     buf = io.BytesIO()
