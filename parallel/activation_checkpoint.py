@@ -4,11 +4,13 @@ in place (non-reentrant `torch.utils.checkpoint`), so parameter names and hooks 
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, ContextManager, Optional
 
 import torch.utils.checkpoint as cp
 from torch import nn
 
+log = logging.getLogger("parallel")
 ContextFn = Callable[[], tuple[ContextManager, ContextManager]]
 
 
@@ -30,4 +32,5 @@ def apply_activation_checkpoint(layers: nn.ModuleList, mode: str, every: int = 2
             return cp.checkpoint(_forward, *args, use_reentrant=False, **extra, **kwargs)
 
         layer.forward = checkpointed
+    log.info("activation checkpointing (%s): %d of %d decoder layers", mode, len(chosen), len(layers))
     return len(chosen)

@@ -4,7 +4,6 @@ then FSDP2 over the data-parallel ranks (the order torchtitan uses: TP/EP, then 
 
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import torch
@@ -14,7 +13,6 @@ from parallel.activation_checkpoint import ContextFn, apply_activation_checkpoin
 from parallel.config import ParallelConfig
 from parallel.fsdp import apply_fsdp
 
-log = logging.getLogger("parallel")
 
 
 def fsdp_param_dtype(name: str, device: torch.device) -> Optional[torch.dtype]:
@@ -41,11 +39,8 @@ def apply_module_plans(model: Qwen35LM, meshes, pcfg: ParallelConfig,
         from parallel.vision_plan import apply_vision_plan
 
         apply_vision_plan(model, meshes.vision, pcfg.vision.name)
-    n = apply_activation_checkpoint(model.layers, pcfg.activation_checkpoint, pcfg.selective_ac_every,
-                                    ac_context_fn)
-    if n:
-        log.info("activation checkpointing (%s): %d of %d decoder layers", pcfg.activation_checkpoint,
-                 n, len(model.layers))
+    apply_activation_checkpoint(model.layers, pcfg.activation_checkpoint, pcfg.selective_ac_every,
+                                ac_context_fn)
 
 
 def parallelize(model: Qwen35LM, meshes, pcfg: ParallelConfig, device: torch.device,
