@@ -14,7 +14,6 @@ from parallel.config import ParallelConfig
 from parallel.fsdp import apply_fsdp
 
 
-
 def fsdp_param_dtype(name: str, device: torch.device) -> Optional[torch.dtype]:
     """parallel.param_dtype -> the FSDP2 compute dtype (None: keep the parameters' own dtype)."""
     if name == "bf16" or (name == "auto" and device.type == "cuda"):
