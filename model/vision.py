@@ -54,6 +54,8 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     no N x N block-diagonal mask.
     """
     n, h, d = q.shape
+    if n == 0:  # no patch: an empty result that keeps the projections in the graph
+        return q + k + v
     lengths = [b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:])]
     if len(set(lengths)) == 1:  # the common case needs no gather
         s, L = len(lengths), lengths[0]
@@ -116,7 +118,8 @@ class VisionAttention(nn.Module):
         cos, sin = cos[:, None], sin[:, None]
         q = (q.float() * cos + rotate_half(q.float()) * sin).to(v.dtype)
         k = (k.float() * cos + rotate_half(k.float()) * sin).to(v.dtype)
-        return self.proj(packed_attention(q, k, v, cu_seqlens).reshape(n, -1))
+        out = packed_attention(q, k, v, cu_seqlens)
+        return self.proj(out.reshape(n, self.num_heads * self.head_dim))
 
 
 class VisionMLP(nn.Module):
@@ -193,6 +196,8 @@ class VisionEncoder(nn.Module):
         (table corners on grid corners), as the released `fast_pos_embed_interpolate`. -> [N, D]"""
         side, merge = self.cfg.num_grid_per_side, self.cfg.spatial_merge_size
         table = self.pos_embed.weight
+        if not grids:
+            return table[:0]  # empty, and still a function of the table (zero gradient)
         device = table.device
         out = []
         for t, h, w in grids:
@@ -215,17 +220,18 @@ class VisionEncoder(nn.Module):
 
     def rotary(self, grids: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.rotary_pos_emb.inv_freq.device
+        if not grids:
+            none = torch.zeros(0, dtype=torch.long, device=device)
+            return self.rotary_pos_emb(none, none)
         rc = [block_order_rows_cols(h, w, self.cfg.spatial_merge_size, device) for _, h, w in grids]
         rows = torch.cat([r.repeat(t) for (r, _), (t, _, _) in zip(rc, grids)])
         cols = torch.cat([c.repeat(t) for (_, c), (t, _, _) in zip(rc, grids)])
         return self.rotary_pos_emb(rows, cols)
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        if grid_thw.shape[0] == 0:
-            # No item: an empty result that still depends on every parameter, so that a rank
-            # without images runs the tower (and gets zero gradients) like its data-parallel peers.
-            zero = sum(p.sum() for p in self.parameters()) * 0
-            return self.merger.linear_fc2.weight.new_zeros(0, self.merger.linear_fc2.out_features) + zero
+        # No item (a batch without images): the tower still runs, on zero patches, so that a rank
+        # without images runs the same modules and collectives as its data-parallel peers (FSDP's
+        # gathers, FP8 amax reductions) and gets zero gradients for every parameter.
         grids = grid_list(grid_thw)
         expected = sum(t * h * w for t, h, w in grids)
         if pixel_values.shape[0] != expected:

@@ -168,8 +168,8 @@ class BalancedVisionMixin:
             starts = [0, *itertools.accumulate(patches)]
             pixels = torch.cat([pixel_values[starts[i]:starts[i + 1]] for i in mine])
             local = super().forward(pixels, grid_thw[mine])
-        else:
-            local = self._no_items(pixel_values)
+        else:  # the tower on zero patches, as its peers' (see VisionEncoder.forward)
+            local = super().forward(pixel_values[:0], grid_thw[:0])
         rows = [p // self.cfg.merge_unit for p in patches]
         max_rows = max(sum(rows[i] for i in s) for s in shares)
         if max_rows == 0:  # a call without items: every rank knows it, nothing to gather
@@ -177,14 +177,6 @@ class BalancedVisionMixin:
         src_index, local_index = _gather_indices(rows, shares, max_rows, plan.rank, local.device)
         return _GatherItems.apply(local, plan, src_index, local_index, max_rows)
 
-    def _no_items(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[0, D_llm] in the dtype the merger gives (under autocast too), connected to every
-        parameter by a zero term: backward then gives this rank zero gradients rather than None,
-        so that the gradient reduction and FSDP's backward hooks see the same parameters on every
-        rank."""
-        x = pixel_values.new_zeros(0, self.cfg.hidden_size, dtype=self.patch_embed.proj.weight.dtype)
-        zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0
-        return self.merger(x) + zero
 
 
 _BALANCED_CLASSES: dict[type, type] = {}
@@ -270,7 +262,7 @@ def reduce_vision_grads(model: nn.Module, group: Optional[dist.ProcessGroup] = N
           over tp and averages over dp. Do not call this function then.
     A no-op (returns 0) when no balanced plan is applied (`replicated`: the grads are already whole).
     Parameters without a gradient are skipped; whether a gradient exists is the same on every rank
-    of the group (same batch; ranks without items get zero gradients, see `_no_items`).
+    of the group (same batch; ranks without items run the tower on zero patches and get zero gradients).
     DTensor gradients (FSDP over dp_shard) are reduced shard by shard: TP peers hold the same shard.
     -> bytes all-reduced (also added to the plan's stats).
     """

@@ -594,16 +594,24 @@ def _vision_tower_worker(rank, world):
     model = Qwen35LM(load_model_config("tiny_vl")).double()
     fp8, _ = apply_precision(model, EMULATED, CPU, torch.distributed.group.WORLD)
     batch = caption_batch(ToyTokenizer(), 0, rows=2) if rank == 0 else text_batch(0)
-    with fp8.autocast():
-        out = model(**model_inputs(batch))
-    out.loss.backward()
-    torch.distributed.barrier()
-    assert (model.visual.blocks[0].attn.qkv.fp8_scale != 1).any() == (rank == 0)
+    for _ in range(2):
+        with fp8.autocast():
+            out = model(**model_inputs(batch))
+        out.loss.backward()
+    state = torch.cat([b.flatten() for n, b in model.named_buffers() if n.startswith("visual.")
+                       and "fp8_" in n])
+    assert (model.visual.blocks[0].attn.qkv.fp8_scale != 1).any()  # rank 0's images set them
+    states = [torch.empty_like(state) for _ in range(world)]
+    torch.distributed.all_gather(states, state)
+    assert torch.equal(states[0], states[1])  # one delayed-scaling state for the tower
+    grads = [p.grad for p in model.visual.parameters()]
+    assert all(g is not None for g in grads) and (rank == 0 or all(not g.any() for g in grads))
 
 
-def test_vision_tower_fp8_waits_for_no_other_rank():
-    """A data-parallel rank whose micro-batch has no image skips the vision tower: its FP8 layers
-    must not all-reduce amaxes with the ranks that run it (that hung the run)."""
+def test_vision_tower_fp8_state_is_the_same_on_ranks_without_images():
+    """A data-parallel rank whose micro-batch has no image runs the vision tower on zero patches:
+    its FP8 layers join the amax all-reduces of the ranks that encode images (a rank that skipped
+    them hung the run), and the tower's delayed-scaling state stays one for all ranks."""
     from tests.distributed import run_ranks
 
     run_ranks(2, _vision_tower_worker, timeout_s=30)

@@ -29,9 +29,9 @@ NOT_SWAPPED = {"embedding": "embedding: a lookup, not a GEMM",
                "conv": "convolution: not swapped by the FP8 backends"}
 # Under TE's delayed scaling every rank max-reduces the amaxes of all the FP8 modules it has run
 # (at the autocast's exit, and in backward), and they must be the same modules on every rank; a
-# rank whose micro-batch has no image skips the vision tower. (TE's other recipes keep no state
-# across ranks.)
-TE_DELAYED_VISION = "vision tower: TE delayed scaling all-reduces amaxes, image-less ranks skip it"
+# rank whose micro-batch has no image runs the vision tower on zero patches, which TE is not given
+# (a GEMM of no rows). (TE's other recipes keep no state across ranks.)
+TE_DELAYED_VISION = "vision tower: TE delayed scaling all-reduces amaxes; image-less ranks run no TE GEMM"
 
 
 @dataclass
@@ -182,12 +182,7 @@ def apply_precision(model: nn.Module, p: PrecisionConfig, device: torch.device,
         from train import fp8_emulated
 
         for name in chosen:
-            # The vision tower runs only on micro-batches with images, and under the balanced
-            # vision plan only on ranks given some: an amax all-reduce there would wait for ranks
-            # that never join. It is never tensor-sharded, so its amaxes are whole locally (its
-            # delayed-scaling state is then per rank).
-            group = None if name.startswith("visual.") else amax_reduction_group
-            fp8_emulated.swap_to_emulated(model.get_submodule(name), p, group)
+            fp8_emulated.swap_to_emulated(model.get_submodule(name), p, amax_reduction_group)
         return Fp8Hooks(fp8_emulated.fp8_autocast, fp8_emulated.checkpoint_contexts), text
     from train import fp8_te  # only here: importing TE needs CUDA libraries
 

@@ -62,6 +62,8 @@ def quantise_scaled(x: torch.Tensor, scale: torch.Tensor, fmt: Fp8Format) -> tor
 
 def group_amax(x: torch.Tensor, row_groups: Optional[torch.Tensor], num_groups: int) -> torch.Tensor:
     """amax of a 2-D x [M, C] per group of rows (row_groups [M] int64), or of all of x -> [G]."""
+    if x.numel() == 0:  # no rows (a rank without images runs the vision tower on zero patches)
+        return torch.zeros(num_groups, device=x.device)
     if row_groups is None:
         return x.detach().abs().amax().float().reshape(1).expand(num_groups).clone()
     rows = x.detach().abs().amax(dim=-1).float()

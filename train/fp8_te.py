@@ -257,6 +257,8 @@ class TELinear(nn.Linear):
     def _gemm(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         rows = x2.shape[0]
+        if rows == 0:  # the vision tower on zero patches: no GEMM for TE to run
+            return F.linear(x, weight, bias)
         pad = (-rows) % self.te_align
         if pad:
             x2 = F.pad(x2, (0, 0, 0, pad))
