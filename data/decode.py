@@ -87,18 +87,29 @@ def _pillow_frames(data: bytes) -> tuple[list[np.ndarray], float | None]:
 
 def _decord_or_av(data: bytes) -> tuple[list[np.ndarray], float | None]:
     try:
-        import decord  # noqa: F401
+        return decord_frames(data)
     except ImportError:
-        decord = None
-    if decord is not None:
-        vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0))
-        batch = vr.get_batch(list(range(len(vr)))).asnumpy()
-        return list(batch), float(vr.get_avg_fps())
+        pass
     try:
-        import av
+        return av_frames(data)
     except ImportError:
         raise BadSample("no_video_decoder", "no video decoder: pip install '.[video]' (decord "
                                             "or PyAV) to read this video") from None
+
+
+def decord_frames(data: bytes) -> tuple[list[np.ndarray], float | None]:
+    """Every frame [H, W, 3] uint8 of a clip, and its frame rate, through decord."""
+    import decord
+
+    vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0))
+    batch = vr.get_batch(list(range(len(vr)))).asnumpy()
+    return list(batch), float(vr.get_avg_fps())
+
+
+def av_frames(data: bytes) -> tuple[list[np.ndarray], float | None]:
+    """Every frame [H, W, 3] uint8 of a clip, and its frame rate, through PyAV."""
+    import av
+
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
         fps = float(stream.average_rate) if stream.average_rate else None
