@@ -35,6 +35,7 @@ from common import OtherLoad, machine_line, markdown_table
 import torch
 import torch.distributed as dist
 
+from data.packing import random_batch
 from model.config import load_model_config
 from model.language_model import Qwen35LM
 from parallel.config import ParallelConfig
@@ -46,24 +47,8 @@ INPUTS = ("input_ids", "labels", "position_ids", "cu_seqlens")
 
 
 def text_batch(seed: int, rows: int, seq_len: int, vocab: int) -> dict:
-    """Rows of packed random documents (as the loader packs them), shifted labels."""
-    g = torch.Generator().manual_seed(seed)
-    ids, labels, pos, lengths = [], [], [], []
-    for _ in range(rows):
-        left = seq_len
-        while left:
-            n = min(left, int(torch.randint(16, 96, (1,), generator=g)))
-            doc = torch.randint(8, vocab, (n,), generator=g)
-            ids.append(doc)
-            labels.append(torch.cat([doc[1:], torch.tensor([-100])]))
-            pos.append(torch.arange(n))
-            lengths.append(n)
-            left -= n
-    b = {"input_ids": torch.cat(ids).view(rows, seq_len), "labels": torch.cat(labels).view(rows, seq_len),
-         "position_ids": torch.cat(pos).view(rows, seq_len),
-         "cu_seqlens": torch.tensor([0] + lengths).cumsum(0)}
-    b["num_tokens"] = int((b["labels"] != -100).sum())
-    return b
+    """Rows packed (as the loader packs them) with random documents of 16-95 tokens."""
+    return random_batch(seed, rows, seq_len, vocab, doc_len=(16, 96))
 
 
 def build_model(args) -> Qwen35LM:

@@ -100,3 +100,18 @@ def collate(rows: list[PackedRow]) -> dict:
         "cu_seqlens": cu_seqlens,
         "num_tokens": int((labels != IGNORE_INDEX).sum()),
     }
+
+
+def random_batch(seed: int, rows: int, seq_len: int, vocab: int,
+                 doc_len: tuple[int, int] = (4, 20)) -> dict:
+    """A batch as the text loader makes it (`Packer`, `collate`) from random documents of
+    doc_len[0] .. doc_len[1] - 1 tokens (ids 8 .. vocab - 1, end-of-document 1): what the parallel
+    tests and benchmarks train on."""
+    g = torch.Generator().manual_seed(seed)
+    packer = Packer(seq_len, eos_id=1, pad_id=0)
+
+    def document() -> list[int]:
+        n = int(torch.randint(*doc_len, (1,), generator=g))
+        return torch.randint(8, vocab, (n,), generator=g).tolist()
+
+    return collate([packer.next_row(document) for _ in range(rows)])

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
+from data.packing import random_batch
 from model.config import ConfigError, load_model_config
 from model.language_model import Qwen35LM
 from parallel.config import ParallelConfig
@@ -28,26 +29,8 @@ SEQ = 32
 
 
 def text_batch(seed: int, rows: int = 2, seq_len: int = SEQ, vocab: int = 1024) -> dict:
-    """Rows packed with random documents: shifted labels (-100 at each document's end), per-row
-    document boundaries in cu_seqlens, positions restarting per document."""
-    g = torch.Generator().manual_seed(seed)
-    ids, labels, pos, lengths = [], [], [], []
-    for _ in range(rows):
-        left = seq_len
-        while left:
-            n = min(left, int(torch.randint(4, 20, (1,), generator=g)))
-            doc = torch.randint(8, vocab, (n,), generator=g)
-            ids.append(doc)
-            labels.append(torch.cat([doc[1:], torch.tensor([-100])]))
-            pos.append(torch.arange(n))
-            lengths.append(n)
-            left -= n
-    batch = {"input_ids": torch.cat(ids).view(rows, seq_len),
-             "labels": torch.cat(labels).view(rows, seq_len),
-             "position_ids": torch.cat(pos).view(rows, seq_len),
-             "cu_seqlens": torch.tensor([0] + lengths).cumsum(0)}
-    batch["num_tokens"] = int((batch["labels"] != -100).sum())
-    return batch
+    """Rows packed with random documents of 4-19 tokens (data.packing.random_batch)."""
+    return random_batch(seed, rows, seq_len, vocab)
 
 
 def make_batch(vision: bool, seed: int) -> dict:
