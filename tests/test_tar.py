@@ -2,6 +2,8 @@
 writes, and the damage cases."""
 
 import io
+import shutil
+import subprocess
 import tarfile
 
 import pytest
@@ -98,3 +100,22 @@ def test_numbers_octal_and_base256():
     assert _number(b"\xff" * 12) == -1
     with pytest.raises(TarError):
         _number(b"12x4\0")
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs a tar program")
+@pytest.mark.parametrize("fmt", ["gnu", "posix", "ustar"])
+def test_archives_of_the_tar_program(tmp_path, fmt):
+    """Shards as `tar` writes them (GNU tar's own formats, long and non-ASCII names, a directory
+    entry, './' prefixes): the same files as tarfile reads."""
+    src = tmp_path / "src"
+    files = {k: v for k, v in FILES.items() if fmt != "ustar" or k.isascii()}  # ustar: a prefix field
+    for name, data in files.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(data)
+    out = tmp_path / "x.tar"
+    subprocess.run(["tar", f"--format={fmt}", "--sort=name", "-cf", str(out), "-C", str(src), "."],
+                   check=True)
+    raw = out.read_bytes()
+    got = read_all(raw)
+    assert got == tarfile_files(raw)
+    assert {name.removeprefix("./"): data for name, data in got.items()} == files
