@@ -108,7 +108,7 @@ def test_archives_of_the_tar_program(tmp_path, fmt):
     """Shards as `tar` writes them (GNU tar's own formats, long and non-ASCII names, a directory
     entry, './' prefixes): the same files as tarfile reads."""
     src = tmp_path / "src"
-    files = {k: v for k, v in FILES.items() if fmt != "ustar" or k.isascii()}  # ustar: a prefix field
+    files = {k: v for k, v in FILES.items() if fmt != "ustar" or (k.isascii() and len(k) < 100)}
     for name, data in files.items():
         (src / name).parent.mkdir(parents=True, exist_ok=True)
         (src / name).write_bytes(data)
