@@ -27,6 +27,20 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def grad_mismatches(named_params, ref_params: dict) -> list[str]:
+    """Parameters whose gathered gradient is not the reference's (rtol 1e-8), with the largest
+    difference and the norm ratio; a gradient present on one side only fails at once."""
+    bad = []
+    for name, p in named_params:
+        r = ref_params[name]  # a pipeline stage's parameter names are the full model's
+        assert (p.grad is None) == (r.grad is None), name
+        if r.grad is not None and not torch.allclose(full(p.grad), r.grad, rtol=1e-8, atol=1e-11):
+            g = full(p.grad)
+            bad.append(f"{name}: {float((g - r.grad).abs().max()):.3g} ratio "
+                       f"{float(g.norm() / r.grad.norm()):.6f}")
+    return bad
+
+
 def check_layout(rank: int, world: int, sizes: dict, vision: str, ac: str) -> None:
     cfg = load_model_config("tiny_vl")
     cfg.mtp_num_layers = 1
@@ -62,13 +76,7 @@ def check_layout(rank: int, world: int, sizes: dict, vision: str, ac: str) -> No
         match_grad_placements(model.parameters())
         norm = clip_grad_norm_(list(model.parameters()), CLIP)
         assert abs(float(out.loss) - ref_losses[meshes.dp_rank]) < 1e-10, (step, float(out.loss), ref_losses)
-        ref_params = dict(ref.named_parameters())
-        bad = []
-        for name, p in model.named_parameters():
-            r = ref_params[name]
-            assert (p.grad is None) == (r.grad is None), name
-            if r.grad is not None and not torch.allclose(full(p.grad), r.grad, rtol=1e-8, atol=1e-11):
-                bad.append(f"{name}: {float((full(p.grad) - r.grad).abs().max()):.3g} ratio {float(full(p.grad).norm() / r.grad.norm()):.6f}")
+        bad = grad_mismatches(model.named_parameters(), dict(ref.named_parameters()))
         assert not bad, f"step {step} rank {rank}: " + ", ".join(bad)
         assert abs(float(norm) - float(ref_norm)) < 1e-6 * float(ref_norm), (float(norm), float(ref_norm))
         opt.step()

@@ -9,7 +9,6 @@ import copy
 
 import pytest
 import torch
-from torch.distributed.tensor import DTensor
 
 from data.packing import random_batch
 from model.config import ConfigError, load_model_config
@@ -22,6 +21,7 @@ from parallel.pipeline import build_pipeline, stage_ids
 from parallel.pipeline_stage import stage_layer_ranges
 from parallel.vision_plan import reduce_vision_grads
 from tests.distributed import run_ranks
+from tests.test_parallel_plans import grad_mismatches
 
 STEPS = 3
 CLIP = 1.0
@@ -45,10 +45,6 @@ def model_inputs(b: dict) -> dict:
     keys = ("input_ids", "position_ids", "cu_seqlens", "labels", "pixel_values", "image_grid_thw",
             "pixel_values_videos", "video_grid_thw")
     return {k: (b[k].double() if b[k].is_floating_point() else b[k]) for k in keys if k in b}
-
-
-def full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def check_pipeline(rank: int, world: int, model_name: str, mtp: int, sizes: dict) -> None:
@@ -95,14 +91,8 @@ def check_pipeline(rank: int, world: int, model_name: str, mtp: int, sizes: dict
         match_grad_placements(params)
         reduce_vision_grads(runner.model)
         norm = clip_grad_norm_(params, CLIP, norm=runner.grad_norm(params))
-        bad = []
-        names = set()
-        for name, p in runner.model.named_parameters():
-            names.add(name)
-            r = ref_params[name]  # a stage's parameter names are the full model's
-            assert (p.grad is None) == (r.grad is None), name
-            if r.grad is not None and not torch.allclose(full(p.grad), r.grad, rtol=1e-8, atol=1e-11):
-                bad.append(f"{name}: {float((full(p.grad) - r.grad).abs().max()):.3g}")
+        names = {name for name, _ in runner.model.named_parameters()}
+        bad = grad_mismatches(runner.model.named_parameters(), ref_params)
         assert not bad, f"step {step} rank {rank}: " + ", ".join(bad)
         assert abs(float(norm) - float(ref_norm)) < 1e-6 * float(ref_norm), (float(norm), float(ref_norm))
         opt.step()
