@@ -21,6 +21,10 @@ from model.vision import VisionEncoder, VisionRotary
 from model.vision_tokens import check_placeholder_counts
 
 
+# The model's visual inputs, as a loader batch names them (beside input_ids, labels, positions).
+VISUAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+
+
 @dataclass
 class LMOutput:
     """loss: the scalar to differentiate (mean CE + weighted MTP, aux and z losses).

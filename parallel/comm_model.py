@@ -168,46 +168,6 @@ def meta_model(cfg: ModelConfig):
         return Qwen35LM(cfg)
 
 
-def _tp_placement(name: str, cfg: ModelConfig, tp: int) -> Optional[str]:
-    """'shard0', 'shard1' or 'replicate' for a parameter the TP plan distributes; None: plain."""
-    if name in ("embed_tokens.weight", "lm_head.weight"):
-        return "shard0"
-    if not name.startswith("layers."):
-        return None
-    sub = name.split(".", 2)[2]
-    if sub in ("input_layernorm.weight", "post_attention_layernorm.weight"):
-        return "replicate"
-    if sub in ("mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight"):
-        return "shard0"
-    if sub == "mlp.shared_expert.down_proj.weight":
-        return "shard1"
-    if sub.startswith("mlp.") and sub.split(".")[1] in ("gate", "experts", "shared_expert_gate"):
-        return None  # the router and routed experts are not TP-sharded
-    if sub in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
-        return "shard0"
-    if sub == "mlp.down_proj.weight":
-        return "shard1"
-    mixer, _, pname = sub.partition(".")
-    if mixer == "self_attn":
-        if pname == "q_proj.weight":
-            return "shard0"
-        if pname in ("k_proj.weight", "v_proj.weight"):  # replicated when tp > KV heads
-            return "shard0" if tp <= cfg.num_key_value_heads else "replicate"
-        if pname in ("q_norm.weight", "k_norm.weight"):
-            return "replicate"
-        if pname == "o_proj.weight":
-            return "shard1"
-    if mixer == "linear_attn":
-        if pname.startswith(("in_proj_", "conv_")) or pname in ("A_log", "dt_bias"):
-            return "shard0"
-        if pname == "norm.weight":
-            return "replicate"
-        if pname == "out_proj.weight":
-            return "shard1"
-    raise ValueError(f"comm_model: no tensor-parallel rule for parameter {name!r}; "
-                     f"parallel/tensor_parallel.py and _tp_placement disagree")
-
-
 def _is_expert(name: str) -> bool:
     return ".mlp.experts." in name
 
@@ -216,19 +176,27 @@ def _is_expert(name: str) -> bool:
 class Param:
     name: str
     shape: tuple[int, ...]       # local: after TP / EP sharding
-    unit: str                    # FSDP unit: visual | layers.i | layers.i.experts | mtp.j | root
+    unit: str                    # FSDP unit: visual | layers.i | layers.i.mlp.experts | mtp.j | root
     tp: Optional[str] = None     # TP placement (None: plain)
     expert: bool = False
 
 
 def local_params(cfg: ModelConfig, L: Layout) -> list[Param]:
-    """Every trainable parameter with its TP/EP-local shape and FSDP unit."""
+    """Every trainable parameter with its TP/EP-local shape and FSDP unit (the innermost enclosing
+    unit of parallel/spec.py, `root` outside every unit), as parallel/plan.py applies the spec."""
+    from parallel.fsdp import fsdp_units
+    from parallel.spec import tp_placements
+
+    model = meta_model(cfg)
+    placements = tp_placements(model, L.tp, cfg.num_key_value_heads) if L.tp > 1 else {}
+    units = sorted((name for name, _, _ in fsdp_units(model, experts_apart=L.ep > 1)),
+                   key=len, reverse=True)
     out = []
-    for name, p in meta_model(cfg).named_parameters():
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         shape = list(p.shape)
-        tp = _tp_placement(name, cfg, L.tp) if L.tp > 1 else None
+        tp = placements.get(name)
         if tp == "shard0":
             shape[0] //= L.tp
         elif tp == "shard1":
@@ -236,13 +204,7 @@ def local_params(cfg: ModelConfig, L: Layout) -> list[Param]:
         expert = _is_expert(name)
         if expert and L.ep > 1:
             shape[0] //= L.ep
-        parts = name.split(".")
-        if parts[0] == "visual":
-            unit = "visual"
-        elif parts[0] in ("layers", "mtp"):
-            unit = ".".join(parts[:2]) + (".experts" if expert and L.ep > 1 else "")
-        else:
-            unit = "root"
+        unit = next((u for u in units if name.startswith(u + ".")), "root")
         out.append(Param(name, tuple(shape), unit, tp, expert))
     return out
 

@@ -5,11 +5,11 @@
     optimizer = build_optimizer(runner.model, cfg.train)    # this rank's parameters, full names
     sums, modality = runner.step(micro_batches, total_tokens)  # forward + backward of all of them
 
-Order of the plans (one place, as parallel/plan.py for pp=1): expert parallelism, tensor + sequence
-parallelism, the vision plan and activation checkpointing are applied to the whole model (they work
-per module, so the stages inherit them); then the model is cut into this rank's stages
-(parallel/pipeline_stage.py), tensor parallelism gets its hooks at the new stage boundaries, and
-FSDP2 shards each stage as its own root. Stage s lives on pp rank s % pp ("loop": interleaved
+Order of the plans (parallel/plan.py states it for every layout): expert parallelism, tensor +
+sequence parallelism, the vision plan and activation checkpointing are applied to the whole model
+(they work per module, so the stages inherit them); then the model is cut into this rank's stages
+by the stage roles of parallel/spec.py (parallel/pipeline_stage.py), tensor parallelism gets its
+hooks at the new stage boundaries, and FSDP2 shards each stage as its own root. Stage s lives on pp rank s % pp ("loop": interleaved
 schedules give rank r the stages r, r + pp, ...), except ZBV's V: rank r holds r and 2pp-1-r.
 
 Micro-batches are loader batches: each keeps its own document boundaries and images, so the
@@ -25,9 +25,9 @@ parallelism (not in the framework yet); the zero-bubble schedules only without F
 weight-gradient pass takes the stage's registered parameters, which under FSDP2 and DTensor TP are
 not the tensors in the autograd graph; parallel/layout.py refuses those layouts). The stage
 boundary under TP sends the full sequence on every TP rank (the stage's last layer all-gathers it,
-as the model's last layer does), not Megatron's sequence-parallel shard. Like parallel/plan.py, the
-model is built whole on every rank before it is cut: the other stages' layers are freed only when
-the caller drops the model.
+as the model's last layer does), not Megatron's sequence-parallel shard. The trainer builds the model on
+the meta device, so the other stages' layers never hold memory; only this rank's stages are
+materialised (parallel/materialize.py).
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (Schedule1F1B, ScheduleGPipe,
                                                     ScheduleInterleaved1F1B,
@@ -48,13 +47,16 @@ from torch.distributed.pipelining.schedules import (Schedule1F1B, ScheduleGPipe,
                                                     ScheduleZBVZeroBubble)
 
 from model.language_model import Qwen35LM
-from model.moe import SparseMoE, routers
+from model.moe import routers
 from parallel.activation_checkpoint import ContextFn
 from parallel.config import ParallelConfig
+from parallel.fsdp import apply_fsdp
 from parallel.grads import grad_square_sum
 from parallel.layout import stage_layer_counts
 from parallel.pipeline_stage import LocalStages, PipelineStageModule, stage_layer_ranges
 from parallel.plan import apply_module_plans, fsdp_param_dtype
+from parallel.runner import StepRunner
+from parallel.spec import QWEN35_SPEC, ModuleSpec
 
 log = logging.getLogger("parallel")
 
@@ -78,11 +80,12 @@ def stage_ids(pp_rank: int, pp: int, virtual: int, schedule: str) -> list[int]:
 
 
 def parallelize_pipeline(model: Qwen35LM, meshes, pcfg: ParallelConfig, device: torch.device,
-                         ac_context_fn: Optional[ContextFn] = None) -> list[PipelineStageModule]:
-    """Apply the plans to `model` (built whole, same weights on every rank) and return this rank's
-    stages, sharded. The model object itself is not used afterwards."""
+                         ac_context_fn: Optional[ContextFn] = None,
+                         spec: tuple[ModuleSpec, ...] = QWEN35_SPEC) -> list[PipelineStageModule]:
+    """Apply the plans to `model` (built on meta, or whole) and return this rank's stages,
+    sharded (parallel/plan.py states the order). The model object itself is not used afterwards."""
     # 1-4. EP, TP + SP, the vision plan, activation checkpointing: per module, on the whole model.
-    apply_module_plans(model, meshes, pcfg, ac_context_fn)
+    apply_module_plans(model, meshes, pcfg, ac_context_fn, spec)
 
     # 5. Cut out this rank's stages.
     counts = stage_layer_counts(pcfg, model.cfg.num_layers)
@@ -93,12 +96,14 @@ def parallelize_pipeline(model: Qwen35LM, meshes, pcfg: ParallelConfig, device: 
     pp_rank = meshes.pp.get_local_rank()
     stages = []
     for s in stage_ids(pp_rank, pcfg.pp, pcfg.pp_virtual_stages, pcfg.pp_schedule):
-        stage = PipelineStageModule(model, s, len(ranges), *ranges[s], act_dtype=act_dtype)
+        stage = PipelineStageModule(model, s, len(ranges), *ranges[s], act_dtype=act_dtype, spec=spec)
         if meshes.tp is not None:
             _tp_stage_boundaries(stage, meshes.tp, model.cfg.num_layers)
         # 6. FSDP2, each stage its own root.
-        if shard:
-            _shard_stage(stage, meshes, mp_dtype, pcfg.reshard_after_forward)
+        if shard:  # each stage its own root; the carried MoE loss sums stay fp32
+            apply_fsdp(stage, meshes.fsdp, param_dtype=mp_dtype,
+                       reshard_after_forward=pcfg.reshard_after_forward,
+                       expert_mesh=meshes.expert_fsdp, spec=spec, cast_root_inputs=False)
         stages.append(stage)
     log.info("pipeline rank %d: stages %s, layers %s (split %s)", pp_rank,
              [s.stage_index for s in stages], [s.layer_range for s in stages], counts)
@@ -109,44 +114,12 @@ def _tp_stage_boundaries(stage: PipelineStageModule, tp_mesh, num_layers: int) -
     """Stages hand each other the full (replicated) sequence: a stage's first layer takes it as
     the model's first layer takes the embeddings, its last layer gathers it as the model's last
     layer does. The model's own first and last layers have these hooks already."""
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (PrepareModuleInput, PrepareModuleOutput,
-                                                   parallelize_module)
+    from parallel.tensor_parallel import stack_boundaries
 
     start, end = stage.layer_range
-    if end == start:
-        return
-    if start > 0:
-        parallelize_module(stage.layers[str(start)], tp_mesh, PrepareModuleInput(
-            input_layouts=(Replicate(), None), desired_input_layouts=(Shard(1), None)))
-    if end < num_layers:
-        parallelize_module(stage.layers[str(end - 1)], tp_mesh, PrepareModuleOutput(
-            output_layouts=Shard(1), desired_output_layouts=Replicate(), use_local_output=True))
-
-
-def _shard_stage(stage: PipelineStageModule, meshes, param_dtype: Optional[torch.dtype],
-                 reshard_after_forward: bool) -> None:
-    """parallel/fsdp.py's units for one stage: the vision tower, routed experts (on the expert
-    mesh under EP), each decoder layer and MTP block, and the stage as root. Gradients are summed
-    over the data-parallel ranks (the losses carry the global-batch weights)."""
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype,
-                              reduce_dtype=torch.float32 if param_dtype is not None else None)
-    kw = {"mesh": meshes.fsdp, "mp_policy": mp, "reshard_after_forward": reshard_after_forward}
-    units = []
-    if stage.visual is not None:
-        units.append(fully_shard(stage.visual, **kw))
-    for block in [*stage.layers.values(), *(m.layer for m in stage.mtp)]:
-        if meshes.expert_fsdp is not None and isinstance(block.mlp, SparseMoE):
-            units.append(fully_shard(block.mlp.experts, **{**kw, "mesh": meshes.expert_fsdp}))
-    units += [fully_shard(unit, **kw) for unit in [*stage.layers.values(), *stage.mtp]]
-    # The root keeps its inputs as they come: the carried MoE loss sums stay fp32 under a bf16
-    # policy (the layers cast the hidden state themselves).
-    root_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=mp.reduce_dtype,
-                                   cast_forward_inputs=False)
-    units.append(fully_shard(stage, **{**kw, "mp_policy": root_mp, "reshard_after_forward": False}))
-    for unit in units:
-        unit.set_gradient_divide_factor(1.0)
-        unit.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
+    if end > start:
+        stack_boundaries(stage.layers[str(start)], stage.layers[str(end - 1)], tp_mesh,
+                         first=start > 0, last=end < num_layers)
 
 
 @dataclass
@@ -163,15 +136,16 @@ class ActionTimes:
         return 1.0 - self.busy_s / self.step_s if self.step_s else 0.0
 
 
-class PipelineRunner:
-    """Runs this rank's stages through the configured schedule. Build with `build_pipeline`."""
+class PipelineRunner(StepRunner):
+    """Runs this rank's stages through the configured schedule (parallel/runner.py's interface).
+    Build with `parallel.plan.parallelize` (or `build_pipeline`)."""
 
     def __init__(self, stages: list[PipelineStageModule], meshes, pcfg: ParallelConfig,
                  device: torch.device, num_microbatches: int, all_routers: dict[int, int],
                  num_routers: int):
+        super().__init__(LocalStages(stages), meshes, device)
         self.stages = stages
-        self.model = LocalStages(stages)
-        self.meshes, self.pcfg, self.device = meshes, pcfg, device
+        self.pcfg = pcfg
         self.num_microbatches = num_microbatches
         self.group = meshes.pp.get_group()
         self.cfg = stages[0].cfg
@@ -192,6 +166,7 @@ class PipelineRunner:
 
     def set_forward_context(self, factory: Callable[[], contextlib.AbstractContextManager]) -> None:
         """Context for every stage forward (autocast, FP8 autocast), e.g. lambda: autocast(...)."""
+        super().set_forward_context(factory)
         for s in self.stages:
             s.forward_context = factory
 
@@ -343,13 +318,14 @@ def _time_actions(stage: PipelineStage, times: ActionTimes) -> None:
 
 
 def build_pipeline(model: Qwen35LM, meshes, pcfg: ParallelConfig, device: torch.device,
-                   num_microbatches: int, ac_context_fn: Optional[ContextFn] = None) -> PipelineRunner:
-    """Split `model` (built whole on every rank, same seed) into this rank's stages, apply the
-    parallel plans to them and return the runner. Call on every rank after build_meshes; drop
-    every other reference to `model` afterwards so that the other stages' layers are freed.
-    `ac_context_fn`: the FP8 backend's activation-checkpoint contexts."""
+                   num_microbatches: int, ac_context_fn: Optional[ContextFn] = None,
+                   spec: tuple[ModuleSpec, ...] = QWEN35_SPEC) -> PipelineRunner:
+    """Split `model` into this rank's stages, apply the parallel plans to them and return the
+    runner (parallel.plan.parallelize calls this for pp > 1). Call on every rank after
+    build_meshes; drop every other reference to `model` afterwards so that the other stages'
+    layers are freed. `ac_context_fn`: the FP8 backend's activation-checkpoint contexts."""
     if meshes.pp is None:
         raise ValueError("build_pipeline needs parallel.pp > 1")
     all_routers = {id(r): i for i, r in enumerate(routers(model))}
-    stages = parallelize_pipeline(model, meshes, pcfg, device, ac_context_fn)
+    stages = parallelize_pipeline(model, meshes, pcfg, device, ac_context_fn, spec)
     return PipelineRunner(stages, meshes, pcfg, device, num_microbatches, all_routers, len(all_routers))

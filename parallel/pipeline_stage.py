@@ -34,7 +34,14 @@ from torch import nn
 from model.language_model import (Qwen35LM, build_sequence_context, head_loss, loss_labels,
                                   mtp_embeddings)
 
+from parallel.spec import QWEN35_SPEC, ModuleSpec, stage_role, top_level_stages
+
 AUX_NAMES = ("moe_aux", "moe_z")
+
+
+def _absent(part: nn.Module) -> Optional[nn.Module]:
+    """What a stage holds for a part held elsewhere: an empty list for a list of blocks."""
+    return nn.ModuleList() if isinstance(part, nn.ModuleList) else None
 
 
 def stage_layer_ranges(counts: list[int]) -> list[tuple[int, int]]:
@@ -58,20 +65,25 @@ class PipelineStageModule(nn.Module):
     """
 
     def __init__(self, model: Qwen35LM, index: int, num_stages: int, start: int, end: int,
-                 act_dtype: torch.dtype):
+                 act_dtype: torch.dtype, spec: tuple[ModuleSpec, ...] = QWEN35_SPEC):
         super().__init__()
         self.cfg = model.cfg
         self.stage_index, self.num_stages = index, num_stages
         self.is_first, self.is_last = index == 0, index == num_stages - 1
         self.layer_range = (start, end)
-        self.embed_tokens = model.embed_tokens if self.is_first else None
-        self.visual = model.visual if self.is_first else None
-        self.layers = nn.ModuleDict({str(i): model.layers[i] for i in range(start, end)})
-        self.norm = model.norm if self.is_last else None
-        self.lm_head = model.lm_head if self.is_last else None
-        self.mtp = model.mtp if self.is_last else nn.ModuleList()
-        self.token_ce = model.token_ce if self.is_last else None
-        self.rotary = model.rotary  # buffers only: every stage builds its own rotary tables
+        # The stage's parts, by the stage roles of parallel/spec.py.
+        for name, _ in model.named_children():
+            if stage_role(name, spec) is None:
+                raise ValueError(f"top-level module {name!r} has no pipeline stage role in "
+                                 f"parallel/spec.py: add a row saying which stages hold it")
+        for name, role in top_level_stages(spec):
+            part = getattr(model, name, None)
+            if role == "layers":
+                self.layers = nn.ModuleDict({str(i): part[i] for i in range(start, end)})
+            else:
+                held = role == "every" or (role == "first" and self.is_first) \
+                    or (role == "last" and self.is_last)
+                setattr(self, name, part if held or part is None else _absent(part))
         self.num_moe_layers = model.num_moe_layers
         self.mtp_depth = len(model.mtp)
         self.act_dtype = act_dtype
@@ -173,17 +185,18 @@ class LocalStages(nn.Module):
     `lm_head`, `mtp`), None where this rank holds no such part. Not callable: the schedule runs
     the stages."""
 
-    def __init__(self, stages: list[PipelineStageModule]):
+    def __init__(self, stages: list[PipelineStageModule],
+                 spec: tuple[ModuleSpec, ...] = QWEN35_SPEC):
         super().__init__()
         first = next((s for s in stages if s.is_first), None)
         last = next((s for s in stages if s.is_last), None)
         self.cfg = stages[0].cfg
-        self.embed_tokens = first.embed_tokens if first else None
-        self.visual = first.visual if first else None
-        self.layers = nn.ModuleDict({k: m for s in stages for k, m in s.layers.items()})
-        self.norm = last.norm if last else None
-        self.lm_head = last.lm_head if last else None
-        self.mtp = last.mtp if last else nn.ModuleList()
+        for name, role in top_level_stages(spec):
+            if role == "layers":
+                self.layers = nn.ModuleDict({k: m for s in stages for k, m in s.layers.items()})
+            elif role in ("first", "last"):  # what the holding stage has, else the absent value
+                holder = first if role == "first" else last
+                setattr(self, name, getattr(holder if holder is not None else stages[0], name))
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("under pipeline parallelism the model runs through PipelineRunner.step")

@@ -35,94 +35,108 @@ from model.attention import GatedAttention
 from model.gated_deltanet import GatedDeltaNet
 from model.language_model import Qwen35LM
 from model.loss import IGNORE_INDEX
-from model.mlp import SwiGLU
-from model.moe import SparseMoE
 from parallel import collectives
 from parallel.local_params import LocalCompute
+from parallel.spec import QWEN35_SPEC, ModuleSpec, param_placement, tp_role
 
 
-def apply_tensor_parallel(model: Qwen35LM, tp_mesh: DeviceMesh) -> Qwen35LM:
-    """Shard `model` in place over `tp_mesh` (1-D). Every rank must hold the same full weights."""
+def apply_tensor_parallel(model: Qwen35LM, tp_mesh: DeviceMesh,
+                          spec: tuple[ModuleSpec, ...] = QWEN35_SPEC) -> Qwen35LM:
+    """Shard `model` in place over `tp_mesh` (1-D) by the TP roles of `spec`, parents before
+    children (a container's input hook runs before its linears'). Works on a meta-built model."""
     tp = tp_mesh.size()
     tied = model.lm_head.weight is model.embed_tokens.weight
-    parallelize_module(model, tp_mesh, {
-        "embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate(),
-                                        use_local_output=True),
-        "lm_head": ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1),
-                                   use_local_output=True),
-    })
+    for name, module in list(model.named_modules()):
+        role = tp_role(name, type(module).__name__, spec)
+        if role is None:
+            continue
+        row = _heads_row(spec, name, module) if role == "heads" else None
+        parallelize_module(module, tp_mesh, _style(role, row, module, tp_mesh))
     if tied:  # both are Shard(0) over the vocabulary: one parameter again
         model.lm_head.weight = model.embed_tokens.weight
     vocab_local = model.cfg.vocab_size // tp
     model.token_ce = VocabParallelCrossEntropy(tp_mesh.get_group(), tp_mesh.get_local_rank() * vocab_local)
-
-    for layer in model.layers:
-        plan = {"input_layernorm": SequenceParallel(), "post_attention_layernorm": SequenceParallel()}
-        plan.update(_mixer_plan(layer.mixer, "self_attn" if isinstance(layer.mixer, GatedAttention)
-                                else "linear_attn", tp_mesh))
-        plan.update(_mlp_plan(layer.mlp))
-        parallelize_module(layer, tp_mesh, plan)
     # The stack takes the replicated embeddings and hands back the full sequence.
-    parallelize_module(model.layers[0], tp_mesh, PrepareModuleInput(
-        input_layouts=(Replicate(), None), desired_input_layouts=(Shard(1), None)))
-    parallelize_module(model.layers[-1], tp_mesh, PrepareModuleOutput(
-        output_layouts=Shard(1), desired_output_layouts=Replicate(), use_local_output=True))
+    stack_boundaries(model.layers[0], model.layers[-1], tp_mesh, first=True, last=True)
     return model
 
 
-def _mixer_plan(mixer: nn.Module, name: str, tp_mesh: DeviceMesh) -> dict:
+def stack_boundaries(first_layer: nn.Module, last_layer: nn.Module, tp_mesh: DeviceMesh,
+                     first: bool, last: bool) -> None:
+    """Between TP regions the stream is sequence-sharded; outside the decoder stack (or a pipeline
+    stage's part of it) it is the full sequence: the first layer shards its input, the last
+    all-gathers its output."""
+    if first:
+        parallelize_module(first_layer, tp_mesh, PrepareModuleInput(
+            input_layouts=(Replicate(), None), desired_input_layouts=(Shard(1), None)))
+    if last:
+        parallelize_module(last_layer, tp_mesh, PrepareModuleOutput(
+            output_layouts=Shard(1), desired_output_layouts=Replicate(), use_local_output=True))
+
+
+def _heads_row(spec: tuple[ModuleSpec, ...], name: str, module: nn.Module) -> ModuleSpec:
+    return next(r for r in spec if r.tp == "heads" and r.matches(name, type(module).__name__))
+
+
+def _style(role: str, row, module: nn.Module, tp_mesh: DeviceMesh):
+    """The torch ParallelStyle of one TP role (see parallel/spec.py TP_ROLES)."""
+    if role == "column":
+        return ColwiseParallel()
+    if role == "row":  # back to the sequence shard, kept a DTensor for the residual add
+        return RowwiseParallel(output_layouts=Shard(1), use_local_output=False)
+    if role == "row_replicate":
+        return RowwiseParallel(output_layouts=Replicate())
+    if role == "sequence":
+        return SequenceParallel()
+    if role == "vocab_embed":  # replicated output: visual tokens are scattered into it
+        return RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate(),
+                               use_local_output=True)
+    if role == "vocab_head":  # the logits stay split by vocabulary for the vocab-parallel CE
+        return ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1),
+                               use_local_output=True)
+    if role == "gather_input":
+        return PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None))
+    if role == "moe_input":  # the router and routed experts run the whole sequence on every rank
+        return PrepareModuleInputOutput(
+            input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None),
+            use_local_input=True, output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),),
+            use_local_output=False)
+    if role == "replicated_input":
+        # Megatron's split on the gathered sequence: one all-reduce forward (the row-parallel
+        # output) and one backward (the input's gradient, once for gate and up together).
+        return PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),))
+    if role == "heads":
+        return LocalCompute(_head_placements(module, row.params, tp_mesh),
+                            input_layouts=(Replicate(), None), partial_input_grad=True)
+    raise ValueError(f"no ParallelStyle for TP role {role!r}")
+
+
+def _head_placements(mixer: nn.Module, params: dict, tp_mesh: DeviceMesh) -> dict:
+    """Each parameter's placement under the `heads` role, and the mixer's per-rank head counts.
+    More ranks than KV heads: each rank computes them all and keeps the one it needs (Megatron
+    replicates KV heads the same way); their weight grads are summed."""
     tp = tp_mesh.size()
+    out = {}
+    for pname, rule in params.items():
+        placement = param_placement(pname, "heads", params, tp, getattr(mixer, "num_kv_heads", 0))
+        out[pname] = Shard(0) if placement == "shard0" else Partial()
     if isinstance(mixer, GatedAttention):
-        params = {"q_proj.weight": Shard(0), "q_norm.weight": Partial(), "k_norm.weight": Partial()}
         kv = mixer.num_kv_heads
-        if tp <= kv:  # KV heads split like the query heads
-            params.update({"k_proj.weight": Shard(0), "v_proj.weight": Shard(0)})
+        if tp <= kv:
             mixer.num_kv_heads //= tp
-        else:  # more ranks than KV heads: each rank computes them all and keeps the one it needs
-            # (Megatron replicates KV heads the same way); their weight grads are summed.
-            params.update({"k_proj.weight": Partial(), "v_proj.weight": Partial()})
+        else:
             head = tp_mesh.get_local_rank() // (tp // kv)
             mixer.kv_heads = slice(head, head + 1)
             mixer.num_kv_heads = 1
         mixer.num_heads //= tp
-        out = "o_proj"
     elif isinstance(mixer, GatedDeltaNet):
-        params = {f"in_proj_{p}.weight": Shard(0) for p in "qkvzba"}
-        params.update({f"conv_{p}.weight": Shard(0) for p in "qkv"})
-        params.update({"A_log": Shard(0), "dt_bias": Shard(0), "norm.weight": Partial()})
         mixer.num_k_heads //= tp
         mixer.num_v_heads //= tp
         mixer.key_dim //= tp
         mixer.value_dim //= tp
-        out = "out_proj"
     else:
-        raise TypeError(f"no tensor-parallel plan for mixer {type(mixer).__name__}")
-    return {name: LocalCompute(params, input_layouts=(Replicate(), None), partial_input_grad=True),
-            f"{name}.{out}": RowwiseParallel(output_layouts=Shard(1), use_local_output=False)}
-
-
-def _mlp_plan(mlp: nn.Module) -> dict:
-    if isinstance(mlp, SparseMoE):
-        plan = {"mlp": PrepareModuleInputOutput(
-            input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None),
-            use_local_input=True, output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),),
-            use_local_output=False)}
-        if mlp.shared_expert is not None:
-            # Megatron's split on the gathered sequence: one all-reduce forward (the row-parallel
-            # output) and one backward (the input's gradient, once for gate and up together).
-            plan.update({
-                "mlp.shared_expert": PrepareModuleInput(input_layouts=(Replicate(),),
-                                                        desired_input_layouts=(Replicate(),)),
-                "mlp.shared_expert.gate_proj": ColwiseParallel(),
-                "mlp.shared_expert.up_proj": ColwiseParallel(),
-                "mlp.shared_expert.down_proj": RowwiseParallel(output_layouts=Replicate())})
-        return plan
-    if isinstance(mlp, SwiGLU):
-        return {"mlp": PrepareModuleInput(input_layouts=(Shard(1), None),
-                                          desired_input_layouts=(Replicate(), None)),
-                "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
-                "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False)}
-    raise TypeError(f"no tensor-parallel plan for MLP {type(mlp).__name__}")
+        raise TypeError(f"no tensor-parallel head split for mixer {type(mixer).__name__}")
+    return out
 
 
 class _AllReduceSum(torch.autograd.Function):

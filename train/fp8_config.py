@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import List
 
 from model.config import ConfigError
+from parallel.spec import fp8_sensitive_patterns
 
 BACKENDS = ("none", "emulated", "te")
 # delayed: per-tensor scale from an amax history of earlier steps (TE DelayedScaling);
@@ -25,19 +26,13 @@ AMAX_ALGOS = ("max", "most_recent")
 # Lowest CUDA compute capability on which TE runs each recipe in FP8.
 TE_MIN_CAPABILITY = {"delayed": (8, 9), "tensorwise": (8, 9), "blockwise": (9, 0), "mxfp8": (10, 0)}
 
-# Layers that stay in high precision by default (fnmatch on the module's qualified name; `*`
-# matches across dots). Why: the embedding and LM head see the widest value ranges and are a
-# small share of the FLOPs; the router's and the DeltaNet decay/beta gates' small errors change
-# routing and memory decay everywhere downstream; convolutions, norms, the vision patch embedding
-# and merger and the MTP projection are small.
-DEFAULT_EXCLUDE = [
-    "embed_tokens", "lm_head",
-    "*.mlp.gate", "*.shared_expert_gate",
-    "*.in_proj_a", "*.in_proj_b",
-    "*.conv*", "*norm*",
-    "visual.patch_embed*", "visual.merger*",
-    "mtp.*.fc",
-]
+# Layers that stay in high precision by default: the `sensitive` rows of parallel/spec.py (fnmatch
+# on the module's qualified name; `*` matches across dots). Why: the LM head sees the widest value
+# ranges and is a small share of the FLOPs; the DeltaNet decay/beta gates' and the shared-expert
+# gate's small errors change memory decay and mixing everywhere downstream; convolutions, norms,
+# the vision patch embedding and merger and the MTP projection are small. (The embedding and the
+# router are never FP8: the spec marks them `never`.)
+DEFAULT_EXCLUDE = fp8_sensitive_patterns()
 
 
 @dataclass

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from model.moe import GroupedExperts, TopKRouter
+from parallel.spec import fp8_role
 from train.fp8_config import PrecisionConfig
 
 FP8_KINDS = ("linear", "grouped_experts")
@@ -79,6 +80,8 @@ def decide(name: str, m: nn.Module, kind: str, p: PrecisionConfig, num_layers: i
     """(precision, reason) of one module under policy p."""
     if not p.enabled:
         return "bf16", "precision.backend=none"
+    if fp8_role(name, type(m).__name__) == "never":
+        return "bf16", NOT_SWAPPED.get(kind, "parallel/spec.py: never FP8")
     for pat in p.excluded_patterns():
         if fnmatchcase(name, pat):
             return "bf16", f"exclude {pat!r}"

@@ -13,11 +13,11 @@ import torch
 from PIL import Image, ImageDraw
 
 from data.heldout import heldout_batches
+from model.language_model import VISUAL_KEYS
 from train.precision import autocast
 
 log = logging.getLogger("train")
 # Optional batch entries of multimodal data, passed to the model when present.
-VISUAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 PIXELS_AND_GRIDS = (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw"))
 MODES = ("images", "shuffled", "noise")
 

@@ -1,6 +1,8 @@
 """The training loop: micro-batches -> loss -> clip -> AdamW step -> metrics -> checkpoints, with
 exact resume. One process, or one of many under torchrun with the layout of `parallel.*`: the model
-is built whole on every rank (same seed), then the plans of parallel/ shard it.
+is built on the meta device, `parallel.plan.parallelize` shards it and returns the step runner the
+loop drives (the same calls for every layout), and each rank materialises and initialises only its
+own shards, with weights that depend on (seed, parameter name, element index), not on the layout.
 
 Under data parallelism each rank weights its micro-batch losses by their share of the loss tokens
 of the whole global batch, and FSDP sums the gradients: the result is the gradient of the global
@@ -24,19 +26,20 @@ from omegaconf import OmegaConf
 
 from data import build_loader
 from model.language_model import Qwen35LM
-from model.moe import collect_expert_load, update_router_bias
 from model.params import count_params, train_flops_per_token
-from parallel.activation_checkpoint import apply_activation_checkpoint
 from parallel.collectives import StepWatchdog
-from parallel.distributed import init_distributed, rank, shutdown, sum_over
-from parallel.grads import clip_grad_norm_, global_grad_norm, match_grad_placements
+from parallel.distributed import init_distributed, rank, shutdown
+from parallel.grads import clip_grad_norm_, global_grad_norm
+from parallel.layout import pipeline_microbatches
+from parallel.materialize import materialize
+from parallel.plan import parallelize
 from train import checkpoint as ckpt
 from train.config import RootConfig
 from train.fp8_policy import apply_precision, fp8_amax_group
 from train.metrics import MetricsLogger, console_line, peak_flops
 from train.optim import build_optimizer, build_scheduler, load_scheduler_state
 from train.precision import autocast, autocast_dtype, resolve_device
-from train.report import VISUAL_KEYS, caption_loss_gap, plot_loss_curves, write_caption_report
+from train.report import caption_loss_gap, plot_loss_curves, write_caption_report
 
 log = logging.getLogger("train")
 
@@ -55,42 +58,33 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg.train.autocast, self.device)
         self.meshes = init_distributed(cfg.parallel, cfg.model, cfg.data.seq_len, self.device)
         self.is_main = rank() == 0
-        seed_everything(cfg.train.seed)  # the same on every rank: every rank builds the same model
+        seed_everything(cfg.train.seed)  # dropout-free model: this seeds data-side randomness only
 
-        self.model = Qwen35LM(cfg.model).to(self.device)
-        counts = count_params(self.model)
+        # Built on the meta device: no parameter holds memory until this rank's shards are
+        # materialised, after the plans (parallel/plan.py) have sharded the model.
+        with torch.device("meta"):
+            model = Qwen35LM(cfg.model)
+        counts = count_params(model)
         # FP8 policy: swaps the chosen GEMM modules, before any parallelism wraps the model.
         # FP8 scales are shared by the ranks that run the same layers (all but other pp stages).
-        fp8, precision_table = apply_precision(self.model, cfg.precision, self.device,
+        fp8, precision_table = apply_precision(model, cfg.precision, self.device,
                                                fp8_amax_group(self.meshes), cfg.parallel.ep)
         log.info("%s", precision_table)
         self.fp8_autocast = fp8.autocast if fp8 is not None else contextlib.nullcontext
         # Activation checkpointing's recompute must quantise as the forward did.
         ac_context_fn = fp8.checkpoint_contexts if fp8 is not None else None
-        dp_rank, dp_size, self.world = 0, 1, 1
-        self.pipeline = None
-        if self.meshes is not None and cfg.parallel.pp > 1:
-            from parallel.layout import pipeline_microbatches
-            from parallel.pipeline import build_pipeline
-
-            self.pipeline = build_pipeline(self.model, self.meshes, cfg.parallel, self.device,
-                                           pipeline_microbatches(cfg.parallel, cfg.train.grad_accum),
-                                           ac_context_fn)
-            self.pipeline.set_forward_context(self._forward_context)
-            self.model = self.pipeline.model  # this rank's stages, with the full model's names
-        elif self.meshes is not None:
-            from parallel.plan import parallelize
-
-            parallelize(self.model, self.meshes, cfg.parallel, self.device, ac_context_fn)
-        else:  # one process: of the plans only activation checkpointing applies
-            apply_activation_checkpoint(self.model.layers, cfg.parallel.activation_checkpoint,
-                                        cfg.parallel.selective_ac_every, ac_context_fn)
-        if self.meshes is not None:
-            dp_rank, dp_size, self.world = self.meshes.dp_rank, self.meshes.dp_size, self.meshes.layout.world
-        self.dp_size = dp_size
+        self.runner = parallelize(model, self.meshes, cfg.parallel, self.device, ac_context_fn,
+                                  pipeline_microbatches(cfg.parallel, cfg.train.grad_accum))
+        self.runner.set_forward_context(self._forward_context)
+        self.model = self.runner.model  # this rank's part, with the full model's names
+        # Each rank initialises exactly its shards: the weights depend on (seed, name, index) only.
+        materialize(self.model, self.device, cfg.train.seed)
+        one = self.meshes is None
+        dp_rank, self.dp_size = (0, 1) if one else (self.meshes.dp_rank, self.meshes.dp_size)
+        self.world = 1 if one else self.meshes.layout.world
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
-        self.loader = build_loader(cfg.data, dp_rank, dp_size)
+        self.loader = build_loader(cfg.data, dp_rank, self.dp_size)
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
         self.step = 0
         self.skipped_steps = 0
@@ -166,19 +160,12 @@ class Trainer:
         # Loss tokens of the global batch: every data-parallel rank weights by the same total.
         total_tokens = max(self._sum_dp([local_tokens])[0], 1)
         self.optimizer.zero_grad(set_to_none=True)
-        if self.pipeline is not None:  # the schedule runs the micro-batches through the stages
-            sums, modality = self.pipeline.step(batches, total_tokens)
-        else:
-            sums, modality = self._forward_backward(batches, total_tokens)
+        sums, modality = self.runner.step(batches, total_tokens)
 
         names = sorted(sums)
         sums = dict(zip(names, self._sum_dp([sums[n] for n in names])))
         params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.meshes is not None:
-            from parallel.vision_plan import reduce_vision_grads
-
-            match_grad_placements(params)
-            reduce_vision_grads(self.model)  # the balanced plan's ViT grads are partial over tp
+        self.runner.finish_grads(params)
 
         vision_metrics = {}
         if self.model.visual is not None:
@@ -192,12 +179,9 @@ class Trainer:
             vision_metrics["vision_grad_norm"] = float(global_grad_norm(
                 [p for p in self.model.visual.parameters() if p.grad is not None]))
 
-        # Under pipeline parallelism each rank holds some stages: the norm sums over them.
-        norm = self.pipeline.grad_norm(params) if self.pipeline is not None else None
-        if cfg.grad_clip > 0:
-            grad_norm = float(clip_grad_norm_(params, cfg.grad_clip, norm=norm))
-        else:
-            grad_norm = float(norm if norm is not None else global_grad_norm(params))
+        norm = self.runner.grad_norm(params)  # over every mesh and pipeline stage
+        grad_norm = float(clip_grad_norm_(params, cfg.grad_clip, norm=norm) if cfg.grad_clip > 0
+                          else norm)
         lr = self.scheduler.get_last_lr()[0]
 
         finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
@@ -224,38 +208,9 @@ class Trainer:
         record.update(self._expert_load_metrics(finite))
         return record
 
-    def _forward_backward(self, batches: list[dict], total_tokens: int):
-        """Forward and backward of each micro-batch, weighted by its share of the global batch's
-        loss tokens. -> (token-weighted sums of the logged losses, per-modality [CE x n, n])."""
-        sums: dict[str, float] = {}
-        modality = {"ce_after_vision": [0.0, 0], "ce_text": [0.0, 0]}  # [CE x tokens, tokens]
-        fsdp = hasattr(self.model, "set_requires_gradient_sync")
-        for i, b in enumerate(batches):
-            if fsdp:  # reduce-scatter the gradients once, after the last micro-batch
-                self.model.set_requires_gradient_sync(i == len(batches) - 1)
-            # Token-weighted so that accumulation (and data parallelism) equals one large batch.
-            weight = b["num_tokens"] / total_tokens
-            visual = {k: b[k].to(self.device) for k in VISUAL_KEYS if b.get(k) is not None}
-            with self._forward_context():
-                out = self.model(b["input_ids"].to(self.device),
-                                 position_ids=b["position_ids"].to(self.device),
-                                 cu_seqlens=b["cu_seqlens"].to(self.device),
-                                 labels=b["labels"].to(self.device), **visual)
-            (out.loss * weight).backward()
-            for name in ("loss", "ce", "mtp_ce", "moe_aux", "moe_z"):
-                value = getattr(out, name)
-                if value is not None:
-                    sums[name] = sums.get(name, 0.0) + weight * value.detach().float().item()
-            for name, n in (("ce_after_vision", out.num_tokens_after_vision),
-                            ("ce_text", out.num_tokens_text)):
-                if getattr(out, name) is not None and n:
-                    modality[name][0] += getattr(out, name).float().item() * n
-                    modality[name][1] += n
-        return sums, modality
-
     def _sum_dp(self, values: list[float]) -> list[float]:
         """Sum over the data-parallel ranks (tensor-parallel ranks hold the same values)."""
-        return sum_over(values, self.meshes.loss if self.meshes is not None else None)
+        return self.runner.sum_dp(values)
 
     def _data_metrics(self, batches: list[dict]) -> dict[str, Any]:
         """Realised token share per mixture source this step, and the loader's skip counters."""
@@ -272,27 +227,20 @@ class Trainer:
         return out
 
     def _expert_load_metrics(self, update_bias: bool) -> dict[str, Any]:
-        load = (self.pipeline.collect_expert_load() if self.pipeline is not None
-                else collect_expert_load(self.model))
+        load = self.runner.collect_expert_load()
         if load is None:
             return {}
-        if self.meshes is not None:  # the routing decisions of every data-parallel rank
-            load = torch.tensor(self._sum_dp(load.flatten().tolist())).view_as(load)
+        # The routing decisions of every data-parallel rank.
+        load = torch.tensor(self._sum_dp(load.flatten().tolist())).view_as(load)
         if update_bias and self.cfg.model.router_bias_balancing:
-            if self.pipeline is not None:
-                self.pipeline.update_router_bias(load, self.cfg.model.router_bias_update_rate)
-            else:
-                update_router_bias(self.model, load, self.cfg.model.router_bias_update_rate)
+            self.runner.update_router_bias(load, self.cfg.model.router_bias_update_rate)
         per_layer = (load.max(dim=1).values / load.mean(dim=1).clamp(min=1e-9)).tolist()
         out = {"expert_load_imbalance": sum(per_layer) / len(per_layer),
                "expert_load_imbalance_max": max(per_layer),
                "expert_load_imbalance_per_layer": [round(x, 4) for x in per_layer]}
-        if self.meshes is not None and self.meshes.ep is not None:
-            from parallel.expert_parallel import collect_dropped_tokens
-
-            dropped = collect_dropped_tokens(self.model)  # over the capacity (expert_capacity_factor)
-            if dropped is not None:
-                out["expert_dropped_tokens"] = int(self._sum_dp([float(dropped.sum())])[0])
+        dropped = self.runner.dropped_tokens()  # over the capacity (expert_capacity_factor)
+        if dropped is not None:
+            out["expert_dropped_tokens"] = dropped
         return out
 
     # ---- the loop ------------------------------------------------------------------------------
