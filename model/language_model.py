@@ -12,12 +12,13 @@ from torch import nn
 from model.config import ModelConfig
 from model.context import SequenceContext, segment_layout
 from model.decoder import DecoderLayer, MTPBlock
+from model.init import draw_seed, init_model_
 from model.loss import TokenCrossEntropy, mean_over_labels
-from model.moe import GroupedExperts, TopKRouter
+from model.moe import TopKRouter
 from model.mrope import mrope_position_ids
-from model.norm import GatedRMSNorm, RMSNorm
+from model.norm import RMSNorm
 from model.rope import RotaryEmbedding
-from model.vision import VisionEncoder, VisionRotary
+from model.vision import VisionEncoder
 from model.vision_tokens import check_placeholder_counts
 
 
@@ -84,25 +85,12 @@ class Qwen35LM(nn.Module):
             self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Normal(0, initializer_range) for projections, embeddings, experts and routers; norms and
-        the DeltaNet decay parameters by their own rules. Also the entry point after `to_empty`."""
-        std = self.cfg.initializer_range
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv3d)):
-                nn.init.normal_(m.weight, std=std)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, GroupedExperts):
-                nn.init.normal_(m.gate_up_proj, std=std)
-                nn.init.normal_(m.down_proj, std=std)
-            elif isinstance(m, TopKRouter):
-                nn.init.normal_(m.weight, std=std)
-                m.expert_bias.zero_()
-                m.tokens_per_expert.zero_()
-            elif isinstance(m, (RMSNorm, GatedRMSNorm, RotaryEmbedding, nn.LayerNorm, VisionRotary)) \
-                    or hasattr(m, "A_log"):
-                m.reset_parameters()
+    def init_weights(self, seed: Optional[int] = None) -> None:
+        """Every parameter by its rule in model/init.py, as a function of (seed, name, element
+        index) only, so a sharded model materialised rank by rank (parallel/materialize.py) gets the
+        same weights; then the buffers. seed None: drawn from torch's default generator (a build
+        after `torch.manual_seed(s)` is deterministic in s). Also the entry point after `to_empty`."""
+        init_model_(self, draw_seed() if seed is None else seed)
 
     def build_context(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor],
                       cu_seqlens: Optional[torch.Tensor],
