@@ -197,6 +197,8 @@ class LocalStages(nn.Module):
             elif role in ("first", "last"):  # what the holding stage has, else the absent value
                 holder = first if role == "first" else last
                 setattr(self, name, getattr(holder if holder is not None else stages[0], name))
+            else:  # every stage's (the rotary tables): one object, materialised once for all
+                setattr(self, name, getattr(stages[0], name))
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("under pipeline parallelism the model runs through PipelineRunner.step")
