@@ -168,10 +168,6 @@ def meta_model(cfg: ModelConfig):
         return Qwen35LM(cfg)
 
 
-def _is_expert(name: str) -> bool:
-    return ".mlp.experts." in name
-
-
 @dataclass
 class Param:
     name: str
@@ -185,10 +181,11 @@ def local_params(cfg: ModelConfig, L: Layout) -> list[Param]:
     """Every trainable parameter with its TP/EP-local shape and FSDP unit (the innermost enclosing
     unit of parallel/spec.py, `root` outside every unit), as parallel/plan.py applies the spec."""
     from parallel.fsdp import fsdp_units
-    from parallel.spec import tp_placements
+    from parallel.spec import ep_role, tp_placements
 
     model = meta_model(cfg)
     placements = tp_placements(model, L.tp, cfg.num_key_value_heads) if L.tp > 1 else {}
+    experts = [name for name, m in model.named_modules() if ep_role(name, type(m).__name__)]
     units = sorted((name for name, _, _ in fsdp_units(model, experts_apart=L.ep > 1)),
                    key=len, reverse=True)
     out = []
@@ -201,7 +198,7 @@ def local_params(cfg: ModelConfig, L: Layout) -> list[Param]:
             shape[0] //= L.tp
         elif tp == "shard1":
             shape[1] //= L.tp
-        expert = _is_expert(name)
+        expert = any(name.startswith(e + ".") for e in experts)
         if expert and L.ep > 1:
             shape[0] //= L.ep
         unit = next((u for u in units if name.startswith(u + ".")), "root")

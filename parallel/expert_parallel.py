@@ -43,8 +43,8 @@ from torch.distributed.tensor.parallel import parallelize_module
 from model.moe import SparseMoE
 from parallel import collectives
 from parallel.local_params import LocalCompute
+from parallel.spec import QWEN35_SPEC, ModuleSpec, ep_role
 
-EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 COMM_KEYS = ("tokens_sent", "tokens_received", "tokens_local", "counts_sent", "counts_received")
 
 
@@ -178,15 +178,17 @@ def moe_blocks(model: nn.Module) -> list[tuple[str, SparseMoE]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, SparseMoE)]
 
 
-def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, capacity_factor: Optional[float] = None) -> nn.Module:
-    """Shards the routed experts of every `SparseMoE` in `model` over the 1-D `ep_mesh` and installs
-    an `AllToAllTokenDispatcher` in each (in place; returns `model`). No-op for an ep size of 1.
+def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, capacity_factor: Optional[float] = None,
+                          spec: tuple[ModuleSpec, ...] = QWEN35_SPEC) -> nn.Module:
+    """Shards the modules of `model` whose spec row says `ep: experts` over the 1-D `ep_mesh` and
+    installs an `AllToAllTokenDispatcher` in each enclosing MoE block (in place; returns `model`).
+    No-op for an ep size of 1.
 
     gate_up_proj [E, 2I, D] and down_proj [E, D, I] become nn.Parameter(DTensor, [Shard(0)]): global
-    shapes for FSDP2 / DCP, local shards [E/ep, ...] for compute (the shards are scattered from ep
-    rank 0's values). `GroupedExperts.num_experts` keeps the global E (its forward does not read
-    it). Apply before FSDP2. The router, shared expert and the rest stay replicated: see the module
-    docstring for how their gradients must be reduced.
+    shapes for FSDP2 / DCP, local shards [E/ep, ...] for compute. `GroupedExperts.num_experts`
+    keeps the global E (its forward does not read it). Apply before FSDP2; works on a meta-built
+    model. The router, shared expert and the rest stay replicated: see the module docstring for
+    how their gradients must be reduced.
     """
     if ep_mesh.ndim != 1:
         raise ValueError(f"apply_expert_parallel wants a 1-D ep mesh, got {ep_mesh.ndim} dims "
@@ -194,16 +196,21 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, capacity_factor
     if ep_mesh.size() == 1:
         return model
     group = ep_mesh.get_group()
-    for name, moe in moe_blocks(model):
+    blocks = dict(moe_blocks(model))
+    for name, experts in list(model.named_modules()):
+        if ep_role(name, type(experts).__name__, spec) != "experts":
+            continue
+        moe_name = name.rpartition(".")[0]
+        moe = blocks[moe_name]
         if moe.num_experts % ep_mesh.size():
             raise ValueError(f"parallel.ep={ep_mesh.size()} must divide model.num_experts={moe.num_experts} "
-                             f"({name})")
-        if any(isinstance(p, DTensor) for p in moe.experts.parameters()):
-            raise ValueError(f"{name}.experts already holds DTensors: apply expert parallelism once, "
+                             f"({moe_name})")
+        if any(isinstance(p, DTensor) for p in experts.parameters()):
+            raise ValueError(f"{name} already holds DTensors: apply expert parallelism once, "
                              f"before FSDP2")
         # DTensor storage, local compute: forward hooks show experts.forward the local shards.
-        parallelize_module(moe.experts, ep_mesh, LocalCompute({p: Shard(0) for p in EXPERT_PARAMS}))
-        moe.dispatcher = AllToAllTokenDispatcher(moe.num_experts, group, capacity_factor, name=name)
+        parallelize_module(experts, ep_mesh, LocalCompute({p: Shard(0) for p, _ in experts.named_parameters()}))
+        moe.dispatcher = AllToAllTokenDispatcher(moe.num_experts, group, capacity_factor, name=moe_name)
     return model
 
 

@@ -44,7 +44,7 @@ def apply_module_plans(model: Qwen35LM, meshes, pcfg: ParallelConfig,
     if meshes.ep is not None:
         from parallel.expert_parallel import apply_expert_parallel
 
-        apply_expert_parallel(model, meshes.ep, pcfg.expert_capacity_factor)
+        apply_expert_parallel(model, meshes.ep, pcfg.expert_capacity_factor, spec)
     if meshes.tp is not None:
         from parallel.tensor_parallel import apply_tensor_parallel
 

@@ -8,6 +8,8 @@ Each row says, for the modules whose qualified name (in the unparallelised `Qwen
 - `params`: for the `heads` role, each parameter's placement: `shard0` (split by head), `kv`
   (split by KV head, or replicated with one head kept per rank when tp exceeds the KV heads) or
   `shared` (replicated value applied to every head: its gradient is summed over the tp group);
+- `ep`: `experts` for the routed experts: every parameter split by expert (dim 0) over the ep
+  ranks, and the enclosing MoE block's token dispatcher swapped for the all-to-all one;
 - `fsdp`: `unit` (its own FSDP2 unit over the data-parallel mesh) or `expert_unit` (its own unit
   over the expert-data-parallel mesh under EP; inside its layer's unit otherwise); everything else
   belongs to the root unit;
@@ -40,6 +42,7 @@ from typing import Optional
 TP_ROLES = ("column", "row", "row_replicate", "heads", "sequence", "vocab_embed", "vocab_head",
             "gather_input", "moe_input", "replicated_input")
 HEAD_PARAMS = ("shard0", "kv", "shared")
+EP_ROLES = ("experts",)
 FSDP_ROLES = ("unit", "expert_unit")
 STAGES = ("first", "layers", "last", "every")
 FP8_ROLES = ("never", "sensitive")
@@ -51,6 +54,7 @@ class ModuleSpec:
     kind: Optional[str] = None
     tp: Optional[str] = None
     params: dict = field(default_factory=dict)
+    ep: Optional[str] = None
     fsdp: Optional[str] = None
     stage: Optional[str] = None
     fp8: Optional[str] = None
@@ -100,14 +104,14 @@ QWEN35_SPEC: tuple[ModuleSpec, ...] = (
     ModuleSpec("layers.*.mlp.gate_proj", tp="column"),
     ModuleSpec("layers.*.mlp.up_proj", tp="column"),
     ModuleSpec("layers.*.mlp.down_proj", tp="row"),
-    ModuleSpec("layers.*.mlp", kind="SparseMoE", tp="moe_input",
-               swap="ep: the token dispatcher becomes the all-to-all one"),
+    ModuleSpec("layers.*.mlp", kind="SparseMoE", tp="moe_input"),
     ModuleSpec("layers.*.mlp.shared_expert", tp="replicated_input"),
     ModuleSpec("layers.*.mlp.shared_expert.gate_proj", tp="column"),
     ModuleSpec("layers.*.mlp.shared_expert.up_proj", tp="column"),
     ModuleSpec("layers.*.mlp.shared_expert.down_proj", tp="row_replicate"),
     # Routed experts: split by EP (not TP), their own FSDP unit over the expert-dp ranks.
-    ModuleSpec("*.mlp.experts", fsdp="expert_unit"),
+    ModuleSpec("*experts", kind="GroupedExperts", ep="experts", fsdp="expert_unit",
+               swap="ep: the MoE block's token dispatcher becomes the all-to-all one"),
     ModuleSpec("*.mlp.gate", fp8="never"),
     ModuleSpec("*.shared_expert_gate", fp8="sensitive"),
     ModuleSpec("*.conv*", fp8="sensitive"),
@@ -126,6 +130,10 @@ def lookup(spec: tuple[ModuleSpec, ...], name: str, kind: str, attr: str):
 
 def tp_role(name: str, kind: str, spec: tuple[ModuleSpec, ...] = QWEN35_SPEC) -> Optional[str]:
     return lookup(spec, name, kind, "tp")
+
+
+def ep_role(name: str, kind: str, spec: tuple[ModuleSpec, ...] = QWEN35_SPEC) -> Optional[str]:
+    return lookup(spec, name, kind, "ep")
 
 
 def fsdp_role(name: str, kind: str, spec: tuple[ModuleSpec, ...] = QWEN35_SPEC) -> Optional[str]:
@@ -192,7 +200,7 @@ def tp_placements(model, tp: int, num_kv_heads: int,
 def validate(spec: tuple[ModuleSpec, ...] = QWEN35_SPEC) -> None:
     """Raise ValueError for a row naming an unknown role."""
     for row in spec:
-        for attr, allowed in (("tp", TP_ROLES), ("fsdp", FSDP_ROLES), ("stage", STAGES),
+        for attr, allowed in (("tp", TP_ROLES), ("ep", EP_ROLES), ("fsdp", FSDP_ROLES), ("stage", STAGES),
                               ("fp8", FP8_ROLES)):
             value = getattr(row, attr)
             if value is not None and value not in allowed:

@@ -1,30 +1,27 @@
-"""Each parallel layout against one process on the same global batch: three optimizer steps of the
-tiny multimodal model (with an MTP block), in float64, compare every micro-batch loss and every gradient (gathered to
-full tensors) with a single-process run that accumulates the same micro-batches."""
+"""Each parallel layout against one process on the same global batch: the model built on the meta
+device, sharded and materialised rank by rank has one process's initial weights bit for bit; then
+three optimizer steps of the tiny multimodal model (with an MTP block), in float64, compare every
+micro-batch loss and every gradient (gathered to full tensors) with a single-process run that
+accumulates the same micro-batches."""
 
 from __future__ import annotations
 
-import copy
 import pytest
 import torch
-from torch.distributed.tensor import DTensor
 
 from model.config import load_model_config
-from model.language_model import Qwen35LM
 from parallel.config import ParallelConfig
 from parallel.grads import clip_grad_norm_, match_grad_placements
+from parallel.materialize import materialize
 from parallel.mesh import build_meshes, validate_layout
 from parallel.plan import parallelize
 from parallel.vision_plan import reduce_vision_grads
 from tests.distributed import run_ranks
+from tests.meta_build import SEED, full, initial_state_mismatches, meta_model, reference_model
 from tests.vision_fixtures import ToyTokenizer, caption_batch, model_inputs
 
 STEPS = 3
 CLIP = 1.0
-
-
-def full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def grad_mismatches(named_params, ref_params: dict) -> list[str]:
@@ -46,13 +43,14 @@ def check_layout(rank: int, world: int, sizes: dict, vision: str, ac: str) -> No
     cfg.mtp_num_layers = 1
     if sizes.get("tp", 1) == 4:  # 4 GDN heads to shard; the 2 KV heads are replicated
         cfg.linear_num_key_heads = cfg.linear_num_value_heads = 4
-    torch.manual_seed(0)
-    ref = Qwen35LM(cfg).double()
-    model = copy.deepcopy(ref)
+    ref = reference_model(cfg)
+    model = meta_model(cfg)
     pcfg = ParallelConfig(**sizes, activation_checkpoint=ac)
     pcfg.vision.name = vision
     meshes = build_meshes(validate_layout(pcfg, cfg, world, seq_len=64), "cpu")
     parallelize(model, meshes, pcfg, torch.device("cpu"))
+    materialize(model, "cpu", SEED)  # this rank's shards only
+    assert not initial_state_mismatches(model, ref), "step 0 weights differ from one process's"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, foreach=False)
     tok = ToyTokenizer()

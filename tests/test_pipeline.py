@@ -12,15 +12,16 @@ import torch
 
 from data.packing import random_batch
 from model.config import ConfigError, load_model_config
-from model.language_model import Qwen35LM
 from parallel.config import ParallelConfig
 from parallel.grads import clip_grad_norm_, match_grad_placements
+from parallel.materialize import materialize
 from parallel.layout import stage_layer_counts, validate_layout
 from parallel.mesh import build_meshes
 from parallel.pipeline import build_pipeline, stage_ids
 from parallel.pipeline_stage import stage_layer_ranges
 from parallel.vision_plan import reduce_vision_grads
 from tests.distributed import run_ranks
+from tests.meta_build import SEED, initial_state_mismatches, meta_model, reference_model
 from tests.test_parallel_plans import grad_mismatches
 
 STEPS = 3
@@ -51,14 +52,15 @@ def check_pipeline(rank: int, world: int, model_name: str, mtp: int, sizes: dict
     cfg = load_model_config(model_name)
     cfg.mtp_num_layers = mtp
     vision = cfg.vision is not None
-    torch.manual_seed(0)
-    ref = Qwen35LM(cfg).double()
-    model = copy.deepcopy(ref)
+    ref = reference_model(cfg)
+    model = meta_model(cfg)
     pcfg = ParallelConfig(**sizes)
     m = pcfg.pp_microbatches
     meshes = build_meshes(validate_layout(pcfg, cfg, world, seq_len=64), "cpu")
     runner = build_pipeline(model, meshes, pcfg, torch.device("cpu"), m)
     del model
+    materialize(runner.model, "cpu", SEED)  # this rank's stages only
+    assert not initial_state_mismatches(runner.model, ref), "step 0 weights differ from one process's"
     opt = torch.optim.AdamW(runner.model.parameters(), lr=1e-2, foreach=False)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, foreach=False)
     ref_params = dict(ref.named_parameters())
