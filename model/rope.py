@@ -39,8 +39,9 @@ class RotaryEmbedding(nn.Module):
         return 1.0 / (self.theta ** exponent)
 
     def reset_parameters(self) -> None:
-        # Buffers built on the meta device need real values once the model is materialised.
-        self.inv_freq = self._inv_freq().to(self.inv_freq.device)
+        # Buffers built on the meta device need real values once the model is materialised (in
+        # the dtype the model was cast to, as a model built whole and then cast holds them).
+        self.inv_freq = self._inv_freq().to(self.inv_freq.device, self.inv_freq.dtype)
         self.freq_row = mrope_row_of_frequency(self.rotary_dim // 2, self.mrope_section).to(
             self.freq_row.device)
 

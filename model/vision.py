@@ -93,7 +93,7 @@ class VisionRotary(nn.Module):
         return 1.0 / (self.theta ** (torch.arange(0, half, 2, dtype=torch.float32) / half))
 
     def reset_parameters(self) -> None:
-        self.inv_freq = self._inv_freq().to(self.inv_freq.device)
+        self.inv_freq = self._inv_freq().to(self.inv_freq.device, self.inv_freq.dtype)
 
     def forward(self, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = torch.cat([rows[:, None].float() * self.inv_freq, cols[:, None].float() * self.inv_freq], -1)

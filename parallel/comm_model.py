@@ -185,7 +185,7 @@ def local_params(cfg: ModelConfig, L: Layout) -> list[Param]:
 
     model = meta_model(cfg)
     placements = tp_placements(model, L.tp, cfg.num_key_value_heads) if L.tp > 1 else {}
-    experts = [name for name, m in model.named_modules() if ep_role(name, type(m).__name__)]
+    experts = [name for name, m in model.named_modules() if ep_role(name, m)]
     units = sorted((name for name, _, _ in fsdp_units(model, experts_apart=L.ep > 1)),
                    key=len, reverse=True)
     out = []

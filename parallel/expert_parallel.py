@@ -198,7 +198,7 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, capacity_factor
     group = ep_mesh.get_group()
     blocks = dict(moe_blocks(model))
     for name, experts in list(model.named_modules()):
-        if ep_role(name, type(experts).__name__, spec) != "experts":
+        if ep_role(name, experts, spec) != "experts":
             continue
         moe_name = name.rpartition(".")[0]
         moe = blocks[moe_name]

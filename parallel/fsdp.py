@@ -30,7 +30,7 @@ def fsdp_units(root: nn.Module, spec: tuple[ModuleSpec, ...] = QWEN35_SPEC,
     experts_apart: under EP the routed experts are units of their own (role `expert_unit`)."""
     units = []
     for name, m in root.named_modules():
-        role = fsdp_role(name, type(m).__name__, spec) if name else None
+        role = fsdp_role(name, m, spec) if name else None
         if role == "unit" or (role == "expert_unit" and experts_apart):
             units.append((name, m, role))
     units.sort(key=lambda u: u[2] != "expert_unit")  # stable: experts first, then model order

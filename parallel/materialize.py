@@ -97,4 +97,8 @@ def materialize(model: nn.Module, device: torch.device | str, seed: int,
                                f"{tuple(len(i) for i in idx)} its placements {p.placements} describe")
         fill_region_(local, rules[name], seed, canonical_name(name), p.shape, idx)
     reset_buffers(model)
+    # Modules swapped in from outside the model (the FP8 backends) reset their own state.
+    for m in model.modules():
+        if callable(getattr(m, "reset_buffers", None)):
+            m.reset_buffers()
     return model

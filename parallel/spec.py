@@ -60,8 +60,11 @@ class ModuleSpec:
     fp8: Optional[str] = None
     swap: str = ""
 
-    def matches(self, name: str, kind: str) -> bool:
-        return fnmatchcase(name, self.pattern) and self.kind in (None, kind)
+    def matches(self, name: str, module=None) -> bool:
+        """`module`: the module named `name` (its class or a base class must be `kind`)."""
+        if not fnmatchcase(name, self.pattern):
+            return False
+        return self.kind is None or any(c.__name__ == self.kind for c in type(module).__mro__)
 
 
 _GDN_HEADS = {**{f"in_proj_{p}.weight": "shard0" for p in "qkvzba"},
@@ -119,30 +122,31 @@ QWEN35_SPEC: tuple[ModuleSpec, ...] = (
 )
 
 
-def lookup(spec: tuple[ModuleSpec, ...], name: str, kind: str, attr: str):
-    """The first non-empty `attr` of the rows matching module `name` of class `kind`, else None."""
+def lookup(spec: tuple[ModuleSpec, ...], name: str, module, attr: str):
+    """The first non-empty `attr` of the rows matching `module` named `name`, else None. A row's
+    kind matches subclasses too: the FP8 backends swap modules for subclasses of their class."""
     for row in spec:
         value = getattr(row, attr)
-        if value and row.matches(name, kind):
+        if value and row.matches(name, module):
             return value
     return None
 
 
-def tp_role(name: str, kind: str, spec: tuple[ModuleSpec, ...] = QWEN35_SPEC) -> Optional[str]:
-    return lookup(spec, name, kind, "tp")
+def tp_role(name: str, module, spec: tuple[ModuleSpec, ...] = QWEN35_SPEC) -> Optional[str]:
+    return lookup(spec, name, module, "tp")
 
 
-def ep_role(name: str, kind: str, spec: tuple[ModuleSpec, ...] = QWEN35_SPEC) -> Optional[str]:
-    return lookup(spec, name, kind, "ep")
+def ep_role(name: str, module, spec: tuple[ModuleSpec, ...] = QWEN35_SPEC) -> Optional[str]:
+    return lookup(spec, name, module, "ep")
 
 
-def fsdp_role(name: str, kind: str, spec: tuple[ModuleSpec, ...] = QWEN35_SPEC) -> Optional[str]:
-    return lookup(spec, name, kind, "fsdp")
+def fsdp_role(name: str, module, spec: tuple[ModuleSpec, ...] = QWEN35_SPEC) -> Optional[str]:
+    return lookup(spec, name, module, "fsdp")
 
 
 def stage_role(name: str, spec: tuple[ModuleSpec, ...] = QWEN35_SPEC) -> Optional[str]:
     """The pipeline stages holding top-level module `name` (None: not a stage's part)."""
-    return lookup(spec, name, "", "stage")
+    return lookup(spec, name, None, "stage")
 
 
 def top_level_stages(spec: tuple[ModuleSpec, ...] = QWEN35_SPEC) -> list[tuple[str, str]]:
@@ -151,8 +155,8 @@ def top_level_stages(spec: tuple[ModuleSpec, ...] = QWEN35_SPEC) -> list[tuple[s
             if r.stage is not None and "." not in r.pattern and "*" not in r.pattern]
 
 
-def fp8_role(name: str, kind: str, spec: tuple[ModuleSpec, ...] = QWEN35_SPEC) -> Optional[str]:
-    return lookup(spec, name, kind, "fp8")
+def fp8_role(name: str, module, spec: tuple[ModuleSpec, ...] = QWEN35_SPEC) -> Optional[str]:
+    return lookup(spec, name, module, "fp8")
 
 
 def fp8_sensitive_patterns(spec: tuple[ModuleSpec, ...] = QWEN35_SPEC) -> list[str]:
@@ -185,11 +189,10 @@ def tp_placements(model, tp: int, num_kv_heads: int,
     tp distributes in `model` (an unparallelised nn.Module tree, meta will do)."""
     out = {}
     for mname, m in model.named_modules():
-        kind = type(m).__name__
-        role = tp_role(mname, kind, spec)
+        role = tp_role(mname, m, spec)
         if role is None:
             continue
-        params = next(r.params for r in spec if r.tp == role and r.matches(mname, kind))
+        params = next(r.params for r in spec if r.tp == role and r.matches(mname, m))
         for pname, _ in m.named_parameters(recurse=role == "heads"):
             placement = param_placement(pname, role, params, tp, num_kv_heads)
             if placement is not None:

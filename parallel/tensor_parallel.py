@@ -47,7 +47,7 @@ def apply_tensor_parallel(model: Qwen35LM, tp_mesh: DeviceMesh,
     tp = tp_mesh.size()
     tied = model.lm_head.weight is model.embed_tokens.weight
     for name, module in list(model.named_modules()):
-        role = tp_role(name, type(module).__name__, spec)
+        role = tp_role(name, module, spec)
         if role is None:
             continue
         row = _heads_row(spec, name, module) if role == "heads" else None
@@ -75,7 +75,7 @@ def stack_boundaries(first_layer: nn.Module, last_layer: nn.Module, tp_mesh: Dev
 
 
 def _heads_row(spec: tuple[ModuleSpec, ...], name: str, module: nn.Module) -> ModuleSpec:
-    return next(r for r in spec if r.tp == "heads" and r.matches(name, type(module).__name__))
+    return next(r for r in spec if r.tp == "heads" and r.matches(name, module))
 
 
 def _style(role: str, row, module: nn.Module, tp_mesh: DeviceMesh):

@@ -279,6 +279,14 @@ class _Fp8Module:
                                  torch.zeros(p.amax_history_len, *buffer_shape, device=device))
             self.register_buffer("fp8_scale", torch.ones(*buffer_shape, device=device))
 
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """The delayed-scaling state of a fresh run (parallel/materialize.py calls this after
+        `to_empty`): an empty amax history, unit scales."""
+        if self.fp8_recipe == "delayed":
+            for buf, value in ((self.fp8_amax_history, 0.0), (self.fp8_scale, 1.0)):
+                (buf.to_local() if isinstance(buf, DTensor) else buf).fill_(value)
+
     def _quantiser(self, index: Optional[int] = None, experts: Optional[tuple[int, int]] = None) -> Quantiser:
         qz = Quantiser(self.fp8_recipe, self.fp8_format, self.fp8_margin, self.fp8_amax_compute_algo,
                        group=self.fp8_group, experts=experts)

@@ -80,7 +80,7 @@ def decide(name: str, m: nn.Module, kind: str, p: PrecisionConfig, num_layers: i
     """(precision, reason) of one module under policy p."""
     if not p.enabled:
         return "bf16", "precision.backend=none"
-    if fp8_role(name, type(m).__name__) == "never":
+    if fp8_role(name, m) == "never":
         return "bf16", NOT_SWAPPED.get(kind, "parallel/spec.py: never FP8")
     for pat in p.excluded_patterns():
         if fnmatchcase(name, pat):
