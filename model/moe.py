@@ -142,8 +142,14 @@ class SparseMoE(nn.Module):
         out = self.dispatcher.combine(self.experts(x_sorted, tokens_per_expert), weights)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        ctx.add_aux_loss("moe_aux", switch_load_balancing_loss(probs, counts, self.top_k))
-        ctx.add_aux_loss("moe_z", logits.logsumexp(dim=-1).square().mean())
+        aux = switch_load_balancing_loss(probs, counts, self.top_k)
+        z = logits.logsumexp(dim=-1).square().mean()
+        # Stored once, not again by activation checkpointing's recompute (inside backward; it must
+        # still compute them, to save what the forward saved): a recomputed copy kept in ctx closes
+        # a cycle through the autograd graph that holds every recomputed activation after backward.
+        if torch._C._current_graph_task_id() == -1:
+            ctx.add_aux_loss("moe_aux", aux)
+            ctx.add_aux_loss("moe_z", z)
         return out.view(shape)
 
 

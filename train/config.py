@@ -49,6 +49,9 @@ class TrainConfig:
     # End-of-run check of a vision model on this many held-out synthetic documents: caption loss
     # with the images and with noise instead (data/heldout.py); 0 = off.
     heldout_caption_docs: int = 0
+    # Memory per device for the launch check (parallel/memory.py estimates each rank's peak; the run
+    # stops before building anything if it does not fit); null = the device's total memory.
+    device_memory_gib: Optional[float] = None
 
 
 @dataclass
@@ -121,6 +124,9 @@ def validate_config(cfg: RootConfig) -> RootConfig:
     if t.heldout_caption_docs and cfg.model.vision is None:
         raise ConfigError(f"train.heldout_caption_docs={t.heldout_caption_docs!r}: needs a model "
                           f"with vision (model={cfg.model.name!r} has model.vision=null)")
+    if t.device_memory_gib is not None and not t.device_memory_gib > 0:
+        raise ConfigError(f"train.device_memory_gib={t.device_memory_gib!r}: must be > 0, or null "
+                          f"(the device's total memory)")
     if t.grad_clip < 0:
         raise ConfigError(f"train.grad_clip={t.grad_clip!r}: must be >= 0 (0 disables clipping)")
     if t.peak_flops is not None and t.peak_flops <= 0:

@@ -69,6 +69,51 @@ def _one_line(e: BaseException) -> str:
     return " | ".join(lines)
 
 
+def memory_error(cfg: RootConfig) -> str | None:
+    """One line if this run's worst rank (parallel/memory.py) would not fit the device's memory,
+    naming the estimate, the memory and layouts that fit; None when it fits. Runs before any
+    process group or model exists: a model that cannot fit stops in seconds, not in the allocator."""
+    from parallel.layout import validate_layout
+    from parallel.memory import GIB, device_memory_bytes, spec_from_config, worst_rank
+    from train.precision import resolve_device
+
+    device = resolve_device(cfg.train.device).type
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    layout = validate_layout(cfg.parallel, cfg.model, world, cfg.data.seq_len,
+                             grad_accum=cfg.train.grad_accum)
+    spec = spec_from_config(cfg, device)
+    est = worst_rank(cfg.model, layout, spec)
+    gib = cfg.train.device_memory_gib
+    limit = gib * GIB if gib is not None else device_memory_bytes(device)
+    if est.peak_bytes <= limit:
+        return None
+    from parallel.suggest import min_world_hint, one_meta_build, suggest_layouts
+
+    with one_meta_build():
+        return _memory_message(cfg, est, layout, world, limit, gib, device, spec)
+
+
+def _memory_message(cfg, est, layout, world, limit, gib, device, spec) -> str:
+    from parallel.memory import GIB
+    from parallel.suggest import min_world_hint, suggest_layouts
+
+    fits = suggest_layouts(cfg.model, world, limit / GIB, cfg.data.seq_len, cfg.data.batch_size,
+                           spec, base=cfg.parallel, grad_accum=cfg.train.grad_accum)
+    if fits:
+        hint = f"layouts of these {world} ranks that fit: " + "; ".join(
+            f"{s.overrides()} ({s.memory.peak_bytes / GIB:.1f} GiB)" for s in fits[:3])
+    else:
+        hint = (f"no layout of {world} rank(s) fits; "
+                + min_world_hint(cfg.model, limit / GIB, cfg.data.seq_len, cfg.data.batch_size, spec)
+                + " (or lower data.batch_size / data.seq_len, parallel.activation_checkpoint=full)")
+    where = "train.device_memory_gib" if gib is not None else f"the {device} device's total"
+    return (f"model={cfg.model.name}: the estimated peak per rank is {est.summary()}, more than "
+            f"{limit / GIB:.1f} GiB ({where}; layout pp={layout.pp} dp_shard={layout.dp_shard} "
+            f"tp={layout.tp} ep={layout.ep} activation_checkpoint="
+            f"{cfg.parallel.activation_checkpoint}, data.batch_size={cfg.data.batch_size}, "
+            f"data.seq_len={cfg.data.seq_len}); {hint}")
+
+
 def setup_logging(run_dir: Path, rank: int) -> None:
     """Rank 0 logs INFO to stdout and <run_dir>/train.log; other ranks only warnings, to stdout."""
     fmt = logging.Formatter(f"%(asctime)s {'' if rank == 0 else f'[rank {rank}] '}%(levelname)s "
@@ -101,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     if show:
         print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         return 0
+
+    error = memory_error(cfg)
+    if error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
