@@ -47,6 +47,10 @@ CONSTANT_LIMIT = 1 << 24
 
 def _fake_mode():
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.utils._mode_utils import no_dispatch
+
+    aten = torch.ops.aten
+    _FACTORIES = {aten.arange, aten.zeros, aten.ones, aten.full, aten.scalar_tensor}
 
     class RehearsalFakeMode(FakeTensorMode):
         """FakeTensorMode whose constant propagation (torch's: scalars) also keeps integer and bool
@@ -58,6 +62,19 @@ def _fake_mode():
                                        and t.numel() <= CONSTANT_LIMIT)
             return (small and t.layout == torch.strided and not self.is_our_fake(t)
                     and t.device.type != "meta")
+
+        def _dispatch_impl(self, func, types, args, kwargs):
+            out = super()._dispatch_impl(func, types, args, kwargs)
+            # Index tables built from sizes alone (torch.arange(T), zeros, ones) keep their values
+            # too: torch's constant propagation needs a constant input tensor.
+            if (func.overloadpacket in _FACTORIES and isinstance(out, FakeTensor)
+                    and out.constant is None and out.device.type == "cpu"
+                    and not out.is_floating_point() and out.numel() <= CONSTANT_LIMIT
+                    and not any(isinstance(a, torch.Tensor) for a in tree_leaves((args, kwargs)))):
+                with no_dispatch():
+                    real = func(*args, **kwargs)
+                return self.fake_tensor_converter.from_real_tensor(self, real, make_constant=True)
+            return out
 
         def validate_and_convert_non_fake_tensors(self, func, converter, flat_args, args_spec):
             # Real metadata tensors met inside the mode (the batch, a DeviceMesh's rank table)
@@ -98,7 +115,8 @@ class LiveBytes(TorchDispatchMode):
         super().__init__()
         self.live = 0
         self.peak = 0
-        self._seen: dict[int, weakref.finalize] = {}
+        self._size: dict[int, int] = {}  # id(storage) -> its bytes, while alive
+        self._resize = None
 
     def track(self, tensors) -> None:
         for t in tensors:
@@ -108,16 +126,40 @@ class LiveBytes(TorchDispatchMode):
     def _add(self, t: torch.Tensor) -> None:
         s = t.untyped_storage()
         key = id(s)
-        if key in self._seen:
+        if key in self._size:
             return
         n = s.nbytes()
+        self._size[key] = n
+        self._grow(n)
+        weakref.finalize(s, self._drop, key)
+
+    def _grow(self, n: int) -> None:
         self.live += n
         self.peak = max(self.peak, self.live)
-        self._seen[key] = weakref.finalize(s, self._drop, key, n)
 
-    def _drop(self, key: int, n: int) -> None:
-        self._seen.pop(key, None)
-        self.live -= n
+    def _drop(self, key: int) -> None:
+        self.live -= self._size.pop(key, 0)
+
+    def __enter__(self):
+        # FSDP2 frees and re-allocates the unsharded parameters by resizing their storages in
+        # place (storage.resize_), which no op and no finalizer sees.
+        resize = self._resize = torch.UntypedStorage.resize_
+        tracker = self
+
+        def resize_(storage, size):
+            out = resize(storage, size)
+            key = id(storage)
+            if key in tracker._size:
+                tracker._grow(storage.nbytes() - tracker._size[key])
+                tracker._size[key] = storage.nbytes()
+            return out
+
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._resize
+        return super().__exit__(*exc)
 
     def reset_peak(self) -> None:
         self.peak = self.live
@@ -224,6 +266,12 @@ def rehearse(overrides: list[str], world_size: int, rank: int = 0) -> RehearsalR
     gpu = torch.device("cuda")  # what `auto` precision resolves to on the cluster
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "auto": torch.bfloat16}[cfg.train.autocast]
     fake = _fake_mode()
+    from model.ops import gated_delta_chunk
+
+    # The torch chunked delta rule keeps its intra-chunk factors for backward on CPU only; on the
+    # GPU it recomputes them (fla's kernels do too): count the GPU's activations.
+    recompute = gated_delta_chunk.RECOMPUTE_IN_BACKWARD
+    gated_delta_chunk.RECOMPUTE_IN_BACKWARD = True
     try:
         meshes = build_meshes(layout, "cpu")
         torch.manual_seed(cfg.train.seed)
@@ -289,6 +337,7 @@ def rehearse(overrides: list[str], world_size: int, rank: int = 0) -> RehearsalR
             peak = tracker.peak
         step_s = time.perf_counter() - t_step
     finally:
+        gated_delta_chunk.RECOMPUTE_IN_BACKWARD = recompute
         dist.destroy_process_group()
     wall = time.perf_counter() - t_start
     return RehearsalReport(
