@@ -4,13 +4,25 @@ released-size config rehearses on this machine within minutes."""
 
 import json
 import math
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
-from parallel.rehearse import main, rehearse, tensor_bytes
+from parallel.rehearse import tensor_bytes
 from tests.distributed import run_ranks
+
+def rehearse(overrides: list[str], world_size: int, rank: int = 0) -> dict:
+    """The CLI in its own process, as it is run (one rehearsal per process: torch's DTensor caches
+    keep meshes of the process group a second rehearsal has replaced)."""
+    out = subprocess.run([sys.executable, "-m", "parallel.rehearse", *overrides, "--world-size",
+                          str(world_size), "--rank", str(rank), "--json"],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
 
 TINY = ["model=tiny_vl", "parallel.tp=2", "parallel.ep=2", "data.batch_size=2", "data.seq_len=64"]
 
@@ -41,19 +53,18 @@ def test_rehearsal_param_bytes_equal_a_real_run(tmp_path, monkeypatch):
     for rank in (0, 3):
         real = json.loads((tmp_path / f"{rank}.json").read_text())
         r = rehearse(TINY, world_size=4, rank=rank)
-        assert (r.params_bytes, r.params_numel) == (real["params_bytes"], real["params_numel"])
-        assert r.layout == "pp=1 dp_replicate=1 dp_shard=2 cp=1 tp=2 ep=2"
-        assert r.images == 1  # the vision tower ran on one image
-        assert r.grads_bytes == r.params_bytes  # every parameter got its (sharded fp32) gradient
-        assert r.optimizer_bytes == 2 * r.params_bytes  # AdamW: exp_avg and exp_avg_sq
-        assert r.activations_peak_bytes > 0
-        assert r.peak_bytes >= r.params_bytes + r.grads_bytes + r.optimizer_bytes
+        assert (r["params_bytes"], r["params_numel"]) == (real["params_bytes"], real["params_numel"])
+        assert r["layout"] == "pp=1 dp_replicate=1 dp_shard=2 cp=1 tp=2 ep=2"
+        assert r["images"] == 1  # the vision tower ran on one image
+        # Storage bytes include FSDP2's padding of uneven shards; AdamW's states do not.
+        assert r["grads_bytes"] >= 4 * r["params_numel"]  # every parameter got its fp32 grad
+        assert r["optimizer_bytes"] == 2 * 4 * r["params_numel"]  # AdamW: exp_avg, exp_avg_sq
+        assert r["activations_peak_bytes"] > 0
+        assert r["peak_bytes"] >= r["params_bytes"] + r["grads_bytes"] + r["optimizer_bytes"]
 
 
-def test_cli_prints_one_json_object(capsys):
-    assert main(["model=tiny", "data.batch_size=2", "data.seq_len=64", "--world-size", "2",
-                 "--rank", "1", "--json"]) == 0
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+def test_cli_prints_one_json_object():
+    report = rehearse(["model=tiny", "data.batch_size=2", "data.seq_len=64"], world_size=2, rank=1)
     assert report["rank"] == 1 and report["world_size"] == 2
     assert report["layout"] == "pp=1 dp_replicate=1 dp_shard=2 cp=1 tp=1 ep=1"
     for key in ("params_numel", "params_bytes", "grads_bytes", "optimizer_bytes",
@@ -75,5 +86,5 @@ def test_35b_rehearses_on_8_ranks_within_minutes():
         model = Qwen35LM(load_config(overrides).model)
     numel = sum(min(math.ceil(p.shape[0] / 8), p.shape[0]) * math.prod(p.shape[1:])
                 for p in model.parameters())
-    assert r.params_numel == numel and r.params_bytes == 4 * numel
-    assert r.peak_bytes >= r.params_bytes + r.grads_bytes + r.optimizer_bytes
+    assert r["params_numel"] == numel and r["params_bytes"] == 4 * numel
+    assert r["peak_bytes"] >= r["params_bytes"] + r["grads_bytes"] + r["optimizer_bytes"]
