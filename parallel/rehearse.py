@@ -5,7 +5,8 @@
 
 The process group is torch's fake backend (every collective returns at once, moving nothing), the
 model is built on the meta device, the meshes and every plan of the layout are applied by the same
-code the trainer runs (`parallelize`, or `build_pipeline` under pp > 1), and the parameters are
+code the trainer runs (`parallelize`; pp > 1 is refused: the pipeline's first step exchanges
+pickled shape metadata between stages, which a fake group cannot deliver), and the parameters are
 materialised as fake tensors (`to_empty` under FakeTensorMode: shapes, dtypes and storages, no
 memory). Then one step runs on a synthetic batch of data.batch_size x data.seq_len: forward, loss,
 backward, AdamW. A dispatch mode counts the bytes of the live storages (a weakref finalizer per
@@ -20,6 +21,11 @@ Values are fake, so whatever reads them to the host must not: batch metadata (do
 label counts, image grids) are fake tensors carrying their real values (FakeTensorMode's constant
 propagation, widened here to integer and bool tensors of up to 2^24 elements); the expert-parallel
 split sizes, which depend on routing (fake), assume uniform routing (parallel/expert_parallel.py).
+The Gated DeltaNet runs the PyTorch chunked path (fla's kernels need CUDA), recomputing its
+intra-chunk factors in backward as on the GPU.
+
+One rehearsal per process: torch's DTensor caches keep meshes of the fake group a second
+`init_process_group` replaces.
 """
 
 from __future__ import annotations
@@ -259,6 +265,12 @@ def rehearse(overrides: list[str], world_size: int, rank: int = 0) -> RehearsalR
         else:
             os.environ["WORLD_SIZE"] = saved
     layout = validate_layout(cfg.parallel, cfg.model, world_size, cfg.data.seq_len)
+    if layout.pp > 1:
+        # torch.distributed.pipelining infers the stages' shapes at the first step by sending
+        # pickled metadata between stages (recv_object_list): a fake process group delivers none.
+        raise ValueError(f"parallel.pp={layout.pp}: the rehearsal runs pp=1 layouts only (the "
+                         f"pipeline's first step exchanges shape metadata, which the fake process "
+                         f"group cannot deliver)")
     if dist.is_initialized():
         dist.destroy_process_group()
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
@@ -297,6 +309,8 @@ def rehearse(overrides: list[str], world_size: int, rank: int = 0) -> RehearsalR
             parallelize(model, meshes, cfg.parallel, gpu)
         with fake:
             model.to_empty(device=device)
+            for stage in pipeline.stages if pipeline is not None else []:
+                stage.to_empty(device=device)  # what the stage holds outside `model` (rotary)
         params = list(model.parameters())
         params_numel = sum(_local(p).numel() for p in params)
         params_bytes = tensor_bytes(params)
