@@ -18,6 +18,16 @@ from model.context import SequenceContext
 from model.mlp import SwiGLU
 
 
+def expert_counts(idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Expert ids idx [...] int64 -> copies per expert [num_experts] int64.
+
+    A scatter-add, not bincount: the same integers, but an output size that does not depend on
+    the values (bincount's is max(idx) + 1 when larger than minlength), so it also runs on fake
+    tensors (parallel/rehearse.py)."""
+    flat = idx.flatten()
+    return flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 class TopKRouter(nn.Module):
     """Scores tokens against experts in fp32 (fp64 for fp64 inputs).
 
@@ -50,7 +60,7 @@ class TopKRouter(nn.Module):
         # inside backward (the graph-task id is -1 outside backward, as torch.utils.checkpoint reads it).
         if torch._C._current_graph_task_id() == -1:
             with torch.no_grad():
-                self.tokens_per_expert += torch.bincount(idx.flatten(), minlength=self.num_experts).float()
+                self.tokens_per_expert += expert_counts(idx, self.num_experts).float()
         return logits, probs, idx, weights
 
 
@@ -70,7 +80,7 @@ class LocalTokenDispatcher:
         flat = idx.flatten()
         self._order = flat.argsort(stable=True)
         self._shape = idx.shape
-        counts = torch.bincount(flat, minlength=self.num_experts)
+        counts = expert_counts(flat, self.num_experts)
         return x[self._order // idx.shape[1]], counts
 
     def combine(self, y_sorted: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -137,7 +147,7 @@ class SparseMoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits, probs, idx, weights = self.gate(x)
-        counts = torch.bincount(idx.flatten(), minlength=self.num_experts)  # this batch's routing
+        counts = expert_counts(idx, self.num_experts)  # this batch's routing
         x_sorted, tokens_per_expert = self.dispatcher.dispatch(x, idx)
         out = self.dispatcher.combine(self.experts(x_sorted, tokens_per_expert), weights)
         if self.shared_expert is not None:

@@ -36,11 +36,12 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import parallelize_module
 
-from model.moe import SparseMoE
+from model.moe import SparseMoE, expert_counts
 from parallel import collectives
 from parallel.local_params import LocalCompute
 from parallel.spec import QWEN35_SPEC, ModuleSpec, ep_role
@@ -121,18 +122,35 @@ class AllToAllTokenDispatcher:
         self.comm_bytes["tokens_local"] += send[me] * row
         return out
 
+    def uniform_counts(self, copies: int, capacity: Optional[int]) -> list[int]:
+        """What `dispatch` reads to the host, [counts | send_counts | recv_counts] (3 x E ints), for
+        `copies` token copies per rank routed as evenly as possible over the experts, the same on
+        every rank: the stand-in of a rehearsal on fake tensors, whose routing has no values."""
+        e, nl = self.num_experts, self.num_local_experts
+        counts = [copies // e + (i < copies % e) for i in range(e)]
+        send = counts if capacity is None else [min(c, capacity) for c in counts]
+        # recv[p * nl + j]: from source rank p for local expert j; every source sends as this rank.
+        recv = [send[self.ep_rank * nl + j] for _ in range(self.ep_size) for j in range(nl)]
+        return counts + send + recv
+
     def dispatch(self, x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n, k = idx.shape
         p, nl = self.ep_size, self.num_local_experts
         flat = idx.flatten()
         order = flat.argsort(stable=True)           # copies grouped by expert = by destination rank
-        counts = torch.bincount(flat, minlength=self.num_experts)
+        counts = expert_counts(flat, self.num_experts)
         send_counts = counts
+        capacity = None
+        # A rehearsal on fake tensors (parallel/rehearse.py) has no routing to read: it takes the
+        # split sizes of uniform routing instead. Real tensors never take this branch.
+        rehearsal = is_fake(flat)
         if self.capacity_factor is not None:
             capacity = math.ceil(self.capacity_factor * n * k / self.num_experts)
             starts = counts.cumsum(0) - counts
             pos_in_expert = torch.arange(n * k, device=flat.device) - starts[flat[order]]
-            order = order[pos_in_expert < capacity]  # stable sort: the latest copies go first
+            keep = pos_in_expert < capacity  # stable sort: the latest copies go first
+            order = (order[:sum(self.uniform_counts(n * k, capacity)[self.num_experts:2 * self.num_experts])]
+                     if rehearsal else order[keep])
             send_counts = counts.clamp(max=capacity)
 
         recv_counts = torch.empty_like(send_counts)
@@ -142,7 +160,8 @@ class AllToAllTokenDispatcher:
         self.comm_bytes["counts_sent"] += counts_bytes
         self.comm_bytes["counts_received"] += counts_bytes
         # One host sync for all the split sizes (dropless routing makes them data-dependent).
-        host = torch.cat([counts, send_counts, recv_counts]).tolist()
+        host = (self.uniform_counts(n * k, capacity) if rehearsal
+                else torch.cat([counts, send_counts, recv_counts]).tolist())
         e = self.num_experts
         if torch._C._current_graph_task_id() == -1:
             # Not an activation-checkpoint recompute inside backward: count each drop once.

@@ -1,0 +1,384 @@
+"""Rehearse one training step of a layout before booking the cluster: one process plays rank R of N.
+
+    python -m parallel.rehearse model=qwen35_397b_a17b parallel.tp=8 parallel.ep=16 --world-size 128 \
+        [--rank R] [--json]
+
+The process group is torch's fake backend (every collective returns at once, moving nothing), the
+model is built on the meta device, the meshes and every plan of the layout are applied by the same
+code the trainer runs (`parallelize`; pp > 1 is refused: the pipeline's first step exchanges
+pickled shape metadata between stages, which a fake group cannot deliver), and the parameters are
+materialised as fake tensors (`to_empty` under FakeTensorMode: shapes, dtypes and storages, no
+memory). Then one step runs on a synthetic batch of data.batch_size x data.seq_len: forward, loss,
+backward, AdamW. A dispatch mode counts the bytes of the live storages (a weakref finalizer per
+storage): what this rank would hold on its GPU, without the allocator's fragmentation, the CUDA
+context or the communication libraries' buffers.
+
+Precision: as on the GPU when `train.autocast` / `parallel.param_dtype` are `auto` (bf16 compute,
+FSDP gathers in bf16, fp32 master weights, gradients and AdamW state); the step runs on a fake CPU
+device, so no CUDA is needed.
+
+Values are fake, so whatever reads them to the host must not: batch metadata (document boundaries,
+label counts, image grids) are fake tensors carrying their real values (FakeTensorMode's constant
+propagation, widened here to integer and bool tensors of up to 2^24 elements); the expert-parallel
+split sizes, which depend on routing (fake), assume uniform routing (parallel/expert_parallel.py).
+The Gated DeltaNet runs the PyTorch chunked path (fla's kernels need CUDA), recomputing its
+intra-chunk factors in backward as on the GPU.
+
+One rehearsal per process: torch's DTensor caches keep meshes of the fake group a second
+`init_process_group` replaces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import sys
+import time
+import weakref
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+# Integer / bool tensors up to this many elements keep their values under the rehearsal's fake mode.
+CONSTANT_LIMIT = 1 << 24
+
+
+def _fake_mode():
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.utils._mode_utils import no_dispatch
+
+    aten = torch.ops.aten
+    _FACTORIES = {aten.arange, aten.zeros, aten.ones, aten.full, aten.scalar_tensor}
+
+    class RehearsalFakeMode(FakeTensorMode):
+        """FakeTensorMode whose constant propagation (torch's: scalars) also keeps integer and bool
+        tensors (document boundaries, masks, counts): what the model reads to the host is batch
+        metadata, and AdamW reads its step counts."""
+
+        def may_turn_const(self, t: torch.Tensor) -> bool:
+            small = t.numel() <= 1 or (not t.is_floating_point() and not t.is_complex()
+                                       and t.numel() <= CONSTANT_LIMIT)
+            return (small and t.layout == torch.strided and not self.is_our_fake(t)
+                    and t.device.type != "meta")
+
+        def _dispatch_impl(self, func, types, args, kwargs):
+            out = super()._dispatch_impl(func, types, args, kwargs)
+            # Index tables built from sizes alone (torch.arange(T), zeros, ones) keep their values
+            # too: torch's constant propagation needs a constant input tensor.
+            if (func.overloadpacket in _FACTORIES and isinstance(out, FakeTensor)
+                    and out.constant is None and out.device.type == "cpu"
+                    and not out.is_floating_point() and out.numel() <= CONSTANT_LIMIT
+                    and not any(isinstance(a, torch.Tensor) for a in tree_leaves((args, kwargs)))):
+                with no_dispatch():
+                    real = func(*args, **kwargs)
+                return self.fake_tensor_converter.from_real_tensor(self, real, make_constant=True)
+            return out
+
+        def validate_and_convert_non_fake_tensors(self, func, converter, flat_args, args_spec):
+            # Real metadata tensors met inside the mode (the batch, a DeviceMesh's rank table)
+            # become fake tensors that keep their values.
+            flat_args = [converter.from_real_tensor(self, a, make_constant=True)
+                         if isinstance(a, torch.Tensor) and not isinstance(a, FakeTensor)
+                         and type(a) is torch.Tensor and self.may_turn_const(a) else a
+                         for a in flat_args]
+            return super().validate_and_convert_non_fake_tensors(func, converter, flat_args,
+                                                                 args_spec)
+
+    return RehearsalFakeMode(allow_non_fake_inputs=True)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of the distinct storages under `tensors` (DTensors: their local shards)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None:
+            continue
+        s = _local(t).untyped_storage()
+        if id(s) not in seen:  # storages keep one Python object while alive
+            seen.add(id(s))
+            total += s.nbytes()
+    return total
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of every live storage an op returns (and those registered with `track`),
+    dropping them when the storage dies, and keeps the peak. Works on fake tensors (their storages
+    have sizes) and looks inside DTensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._size: dict[int, int] = {}  # id(storage) -> its bytes, while alive
+        self._resize = None
+
+    def track(self, tensors) -> None:
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                self._add(_local(t))
+
+    def _add(self, t: torch.Tensor) -> None:
+        s = t.untyped_storage()
+        key = id(s)
+        if key in self._size:
+            return
+        n = s.nbytes()
+        self._size[key] = n
+        self._grow(n)
+        weakref.finalize(s, self._drop, key)
+
+    def _grow(self, n: int) -> None:
+        self.live += n
+        self.peak = max(self.peak, self.live)
+
+    def _drop(self, key: int) -> None:
+        self.live -= self._size.pop(key, 0)
+
+    def __enter__(self):
+        # FSDP2 frees and re-allocates the unsharded parameters by resizing their storages in
+        # place (storage.resize_), which no op and no finalizer sees.
+        resize = self._resize = torch.UntypedStorage.resize_
+        tracker = self
+
+        def resize_(storage, size):
+            out = resize(storage, size)
+            key = id(storage)
+            if key in tracker._size:
+                tracker._grow(storage.nbytes() - tracker._size[key])
+                tracker._size[key] = storage.nbytes()
+            return out
+
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._resize
+        return super().__exit__(*exc)
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._add(_local(t))
+        return out
+
+
+@dataclass
+class RehearsalReport:
+    model: str
+    layout: str
+    world_size: int
+    rank: int
+    batch: list
+    params_numel: int
+    params_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+    activations_peak_bytes: int
+    peak_bytes: int
+    images: int
+    wall_s: float
+    build_s: float
+    step_s: float
+    max_rss_bytes: int
+
+    def lines(self) -> str:
+        gib = 1 << 30
+        rows = [("model", self.model), ("layout", self.layout),
+                ("rank", f"{self.rank} of {self.world_size}"),
+                ("batch", f"{self.batch[0]} x {self.batch[1]}" + (f" + {self.images} image(s)"
+                                                                 if self.images else "")),
+                ("params_numel", f"{self.params_numel:,}")]
+        rows += [(k, f"{getattr(self, k):,} ({getattr(self, k) / gib:.2f} GiB)")
+                 for k in ("params_bytes", "grads_bytes", "optimizer_bytes",
+                           "activations_peak_bytes", "peak_bytes")]
+        rows += [("wall_s", f"{self.wall_s:.1f} (build {self.build_s:.1f}, step {self.step_s:.1f})"),
+                 ("host max RSS", f"{self.max_rss_bytes / gib:.2f} GiB")]
+        w = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
+def synthetic_batch(cfg, rank: int) -> dict:
+    """One loader-shaped batch of data.batch_size x data.seq_len random packed documents; with a
+    vision tower, the first row starts with one image of the smallest grid (1 x 2m x 2m patches)."""
+    from data.packing import random_batch
+
+    b, t = cfg.data.batch_size, cfg.data.seq_len
+    batch = random_batch(cfg.train.seed + rank, b, t, cfg.model.vocab_size,
+                         doc_len=(max(2, t // 8), max(3, t // 2)))
+    v = cfg.model.vision
+    if v is None:
+        return batch
+    m = v.spatial_merge_size
+    grid = torch.tensor([[1, 2 * m, 2 * m]])
+    n_tokens = int(grid.prod()) // (m * m)
+    if n_tokens + 2 > batch["cu_seqlens"][1]:  # the image must fit in the first document
+        return batch
+    ids = batch["input_ids"]
+    ids[0, 0] = v.vision_start_token_id
+    ids[0, 1:1 + n_tokens] = v.image_token_id
+    ids[0, 1 + n_tokens] = v.vision_end_token_id
+    labels = batch["labels"]
+    labels[0, :-1] = ids[0, 1:].clone() if labels.shape[1] > 1 else labels[0, :-1]
+    batch["pixel_values"] = torch.zeros(int(grid.prod()), v.patch_dim)
+    batch["image_grid_thw"] = grid
+    batch["position_ids"] = None  # M-RoPE positions from the tokens and the grid
+    return batch
+
+
+def rehearse(overrides: list[str], world_size: int, rank: int = 0) -> RehearsalReport:
+    """Build, shard, materialise (fake) and run one step as rank `rank` of `world_size`."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from model.language_model import Qwen35LM
+    from parallel.grads import match_grad_placements
+    from parallel.mesh import build_meshes, layout_table, validate_layout
+    from train.fp8_policy import apply_precision
+    from train.main import load_config
+    from train.optim import build_optimizer
+    from train.precision import autocast
+    from train.report import VISUAL_KEYS
+
+    t_start = time.perf_counter()
+    saved = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = str(world_size)  # what the config checks resolve dp_shard=-1 from
+    try:
+        cfg = load_config(overrides)
+    finally:
+        if saved is None:
+            del os.environ["WORLD_SIZE"]
+        else:
+            os.environ["WORLD_SIZE"] = saved
+    layout = validate_layout(cfg.parallel, cfg.model, world_size, cfg.data.seq_len)
+    if layout.pp > 1:
+        # torch.distributed.pipelining infers the stages' shapes at the first step by sending
+        # pickled metadata between stages (recv_object_list): a fake process group delivers none.
+        raise ValueError(f"parallel.pp={layout.pp}: the rehearsal runs pp=1 layouts only (the "
+                         f"pipeline's first step exchanges shape metadata, which the fake process "
+                         f"group cannot deliver)")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    device = torch.device("cpu")
+    gpu = torch.device("cuda")  # what `auto` precision resolves to on the cluster
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "auto": torch.bfloat16}[cfg.train.autocast]
+    fake = _fake_mode()
+    from model.ops import gated_delta_chunk
+
+    # The torch chunked delta rule keeps its intra-chunk factors for backward on CPU only; on the
+    # GPU it recomputes them (fla's kernels do too): count the GPU's activations.
+    recompute = gated_delta_chunk.RECOMPUTE_IN_BACKWARD
+    gated_delta_chunk.RECOMPUTE_IN_BACKWARD = True
+    try:
+        meshes = build_meshes(layout, "cpu")
+        torch.manual_seed(cfg.train.seed)
+        with torch.device("meta"):
+            model = Qwen35LM(cfg.model)
+        from train.fp8_policy import fp8_amax_group
+
+        fp8, _ = apply_precision(model, cfg.precision, gpu, fp8_amax_group(meshes), cfg.parallel.ep)
+        if fp8 is not None:
+            raise ValueError(f"precision.backend={cfg.precision.backend}: the rehearsal runs without FP8")
+        pipeline = None
+        if cfg.parallel.pp > 1:
+            from parallel.layout import pipeline_microbatches
+            from parallel.pipeline import build_pipeline
+
+            pipeline = build_pipeline(model, meshes, cfg.parallel, gpu,
+                                      pipeline_microbatches(cfg.parallel, cfg.train.grad_accum))
+            pipeline.device = device
+            model = pipeline.model
+        else:
+            from parallel.plan import parallelize
+
+            parallelize(model, meshes, cfg.parallel, gpu)
+        with fake:
+            model.to_empty(device=device)
+            for stage in pipeline.stages if pipeline is not None else []:
+                stage.to_empty(device=device)  # what the stage holds outside `model` (rotary)
+        params = list(model.parameters())
+        params_numel = sum(_local(p).numel() for p in params)
+        params_bytes = tensor_bytes(params)
+        build_s = time.perf_counter() - t_start
+
+        t_step = time.perf_counter()
+        batch = synthetic_batch(cfg, meshes.dp_rank)
+        tracker = LiveBytes()
+        with fake, tracker:
+            tracker.track(params)
+            tracker.track(model.buffers())
+            base = tracker.live
+            optimizer = build_optimizer(model, cfg.train)
+            b = batch
+            if pipeline is not None:
+                with autocast(device, amp_dtype):
+                    pipeline.set_forward_context(lambda: autocast(device, amp_dtype))
+                    pipeline.step([b] * pipeline.num_microbatches,
+                                  b["num_tokens"] * pipeline.num_microbatches)
+            else:
+                visual = {k: b[k] for k in VISUAL_KEYS if b.get(k) is not None}
+                with autocast(device, amp_dtype):
+                    out = model(b["input_ids"], position_ids=b["position_ids"],
+                                cu_seqlens=b["cu_seqlens"], labels=b["labels"], **visual)
+                out.loss.backward()
+                del out
+            fwd_bwd_peak = tracker.peak
+            grads = [p.grad for p in params if p.grad is not None]
+            grads_bytes = tensor_bytes(grads)
+            match_grad_placements([p for p in params if p.grad is not None])
+            if model.visual is not None:
+                from parallel.vision_plan import reduce_vision_grads
+
+                reduce_vision_grads(model)
+            optimizer.step()
+            optimizer_bytes = tensor_bytes(t for st in optimizer.state.values() for t in st.values()
+                                           if isinstance(t, torch.Tensor) and t.dim() > 0)
+            peak = tracker.peak
+        step_s = time.perf_counter() - t_step
+    finally:
+        gated_delta_chunk.RECOMPUTE_IN_BACKWARD = recompute
+        dist.destroy_process_group()
+    wall = time.perf_counter() - t_start
+    return RehearsalReport(
+        model=cfg.model.name, layout=_layout_line(layout), world_size=world_size, rank=rank,
+        batch=[cfg.data.batch_size, cfg.data.seq_len], params_numel=params_numel,
+        params_bytes=params_bytes, grads_bytes=grads_bytes, optimizer_bytes=optimizer_bytes,
+        activations_peak_bytes=fwd_bwd_peak - base, peak_bytes=peak,
+        images=0 if batch.get("image_grid_thw") is None else len(batch["image_grid_thw"]),
+        wall_s=wall, build_s=build_s, step_s=step_s,
+        max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def _layout_line(layout) -> str:
+    names = ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep")
+    return " ".join(f"{n}={getattr(layout, n)}" for n in names)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m parallel.rehearse", description=__doc__.split("\n\n")[0])
+    p.add_argument("--world-size", type=int, required=True)
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    args, overrides = p.parse_known_args(argv)
+    report = rehearse(overrides, args.world_size, args.rank)
+    print(json.dumps(asdict(report)) if args.json else report.lines())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
