@@ -77,16 +77,19 @@ def _aliases(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module, str]]:
 
 @torch.no_grad()
 def materialize(model: nn.Module, device: torch.device | str, seed: int,
-                initializer_range: Optional[float] = None) -> nn.Module:
+                initializer_range: Optional[float] = None, values: bool = True) -> nn.Module:
     """`model.to_empty(device)` (after the plans: FSDP2 re-registers its padded shards there), then
     every parameter's local shard filled in place from (seed, full parameter name, global index),
     then the buffers. Parameter names are the unparallelised model's (FSDP2, parallelize_module and
-    the pipeline stages keep them). Returns `model`."""
+    the pipeline stages keep them). values=False allocates only: the rehearsal's fake tensors
+    (parallel/rehearse.py) hold no values to fill. Returns `model`."""
     rules = param_rules(model, initializer_range)
     tied = _aliases(model)
     model.to_empty(device=device)
     for m, attr, src, src_attr in tied:
         setattr(m, attr, getattr(src, src_attr))
+    if not values:
+        return model
     for name, p in model.named_parameters():
         local = p.to_local() if isinstance(p, DTensor) else p
         idx = local_index(p, local.device)

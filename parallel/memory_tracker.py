@@ -9,8 +9,11 @@ A TorchDispatchMode sees every tensor an op returns; each new storage is counted
 StorageImpl, so views and in-place results are counted once) until it is freed, which a weakref
 finalizer on the storage reports (torch keeps one Python object per live storage). Tensors alive
 before the block (parameters, gradients, optimizer states, the batch) are invisible to the mode:
-pass them in to count them from the start. Allocator caching and fragmentation are not measured,
-only what tensors hold; meta and fake tensors are ignored.
+pass them in to count them from the start. DTensors count their local shards; FSDP2's unsharded
+parameters, which it frees and re-allocates by resizing their storages in place (no op sees it),
+are followed through `UntypedStorage.resize_`. Fake tensors (parallel/rehearse.py) count like real
+ones: their storages have sizes. Allocator caching and fragmentation are not measured, only what
+tensors hold; meta tensors are ignored.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections import defaultdict
 from typing import Iterable, Optional
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -48,6 +52,8 @@ class LiveBytes(TorchDispatchMode):
 
     def track(self, t) -> None:
         """Count `t`'s storage from now on (no-op for non-tensors, meta tensors, counted storages)."""
+        if isinstance(t, DTensor):
+            t = t._local_tensor
         if not isinstance(t, torch.Tensor) or t.device.type == "meta":
             return
         try:
@@ -63,6 +69,33 @@ class LiveBytes(TorchDispatchMode):
         self.current_by_device[dev] += n
         weakref.finalize(st, self._free, key)
         self._update_peak()
+
+    def __enter__(self):
+        resize = self._resize = torch.UntypedStorage.resize_
+        tracker = self
+
+        def resize_(storage, size):
+            out = resize(storage, size)
+            key = storage._cdata
+            if key in tracker._live:
+                dev, old = tracker._live[key]
+                n = storage.nbytes()
+                tracker._live[key] = (dev, n)
+                tracker.current += n - old
+                tracker.current_by_device[dev] += n - old
+                tracker._update_peak()
+            return out
+
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._resize
+        return super().__exit__(*exc)
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+        self.peak_by_device = defaultdict(int, self.current_by_device)
 
     def _free(self, key: int) -> None:
         dev, n = self._live.pop(key, ("", 0))
@@ -94,3 +127,16 @@ def optimizer_tensors(optimizer: Optional[torch.optim.Optimizer]) -> list[torch.
 
 def grads(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     return [p.grad for p in params if p.grad is not None]
+
+
+def tensor_bytes(tensors: Iterable[Optional[torch.Tensor]]) -> int:
+    """Bytes of the distinct storages under `tensors` (DTensors: their local shards)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None:
+            continue
+        st = (t._local_tensor if isinstance(t, DTensor) else t).untyped_storage()
+        if st._cdata not in seen:
+            seen.add(st._cdata)
+            total += st.nbytes()
+    return total

@@ -37,15 +37,15 @@ import os
 import resource
 import sys
 import time
-import weakref
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from parallel.memory_tracker import LiveBytes, grads, optimizer_tensors, tensor_bytes
 
 # Integer / bool tensors up to this many elements keep their values under the rehearsal's fake mode.
 CONSTANT_LIMIT = 1 << 24
@@ -97,85 +97,6 @@ def _fake_mode():
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t._local_tensor if isinstance(t, DTensor) else t
-
-
-def tensor_bytes(tensors) -> int:
-    """Bytes of the distinct storages under `tensors` (DTensors: their local shards)."""
-    seen, total = set(), 0
-    for t in tensors:
-        if t is None:
-            continue
-        s = _local(t).untyped_storage()
-        if id(s) not in seen:  # storages keep one Python object while alive
-            seen.add(id(s))
-            total += s.nbytes()
-    return total
-
-
-class LiveBytes(TorchDispatchMode):
-    """Counts the bytes of every live storage an op returns (and those registered with `track`),
-    dropping them when the storage dies, and keeps the peak. Works on fake tensors (their storages
-    have sizes) and looks inside DTensors."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._size: dict[int, int] = {}  # id(storage) -> its bytes, while alive
-        self._resize = None
-
-    def track(self, tensors) -> None:
-        for t in tensors:
-            if isinstance(t, torch.Tensor):
-                self._add(_local(t))
-
-    def _add(self, t: torch.Tensor) -> None:
-        s = t.untyped_storage()
-        key = id(s)
-        if key in self._size:
-            return
-        n = s.nbytes()
-        self._size[key] = n
-        self._grow(n)
-        weakref.finalize(s, self._drop, key)
-
-    def _grow(self, n: int) -> None:
-        self.live += n
-        self.peak = max(self.peak, self.live)
-
-    def _drop(self, key: int) -> None:
-        self.live -= self._size.pop(key, 0)
-
-    def __enter__(self):
-        # FSDP2 frees and re-allocates the unsharded parameters by resizing their storages in
-        # place (storage.resize_), which no op and no finalizer sees.
-        resize = self._resize = torch.UntypedStorage.resize_
-        tracker = self
-
-        def resize_(storage, size):
-            out = resize(storage, size)
-            key = id(storage)
-            if key in tracker._size:
-                tracker._grow(storage.nbytes() - tracker._size[key])
-                tracker._size[key] = storage.nbytes()
-            return out
-
-        torch.UntypedStorage.resize_ = resize_
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        torch.UntypedStorage.resize_ = self._resize
-        return super().__exit__(*exc)
-
-    def reset_peak(self) -> None:
-        self.peak = self.live
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self._add(_local(t))
-        return out
 
 
 @dataclass
@@ -245,14 +166,14 @@ def rehearse(overrides: list[str], world_size: int, rank: int = 0) -> RehearsalR
     """Build, shard, materialise (fake) and run one step as rank `rank` of `world_size`."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from model.language_model import Qwen35LM
-    from parallel.grads import match_grad_placements
-    from parallel.mesh import build_meshes, layout_table, validate_layout
-    from train.fp8_policy import apply_precision
+    from model.language_model import VISUAL_KEYS, Qwen35LM
+    from parallel.materialize import materialize
+    from parallel.mesh import build_meshes, validate_layout
+    from parallel.plan import parallelize
+    from train.fp8_policy import apply_precision, fp8_amax_group
     from train.main import load_config
     from train.optim import build_optimizer
     from train.precision import autocast
-    from train.report import VISUAL_KEYS
 
     t_start = time.perf_counter()
     saved = os.environ.get("WORLD_SIZE")
@@ -289,28 +210,15 @@ def rehearse(overrides: list[str], world_size: int, rank: int = 0) -> RehearsalR
         torch.manual_seed(cfg.train.seed)
         with torch.device("meta"):
             model = Qwen35LM(cfg.model)
-        from train.fp8_policy import fp8_amax_group
-
         fp8, _ = apply_precision(model, cfg.precision, gpu, fp8_amax_group(meshes), cfg.parallel.ep)
         if fp8 is not None:
             raise ValueError(f"precision.backend={cfg.precision.backend}: the rehearsal runs without FP8")
-        pipeline = None
-        if cfg.parallel.pp > 1:
-            from parallel.layout import pipeline_microbatches
-            from parallel.pipeline import build_pipeline
-
-            pipeline = build_pipeline(model, meshes, cfg.parallel, gpu,
-                                      pipeline_microbatches(cfg.parallel, cfg.train.grad_accum))
-            pipeline.device = device
-            model = pipeline.model
-        else:
-            from parallel.plan import parallelize
-
-            parallelize(model, meshes, cfg.parallel, gpu)
+        # The trainer's path: the plans in parallelize's order, then this rank's shards
+        # materialised and initialised (on fake tensors: shapes, no memory).
+        runner = parallelize(model, meshes, cfg.parallel, gpu)
+        model = runner.model
         with fake:
-            model.to_empty(device=device)
-            for stage in pipeline.stages if pipeline is not None else []:
-                stage.to_empty(device=device)  # what the stage holds outside `model` (rotary)
+            materialize(model, device, cfg.train.seed, values=False)
         params = list(model.parameters())
         params_numel = sum(_local(p).numel() for p in params)
         params_bytes = tensor_bytes(params)
@@ -318,37 +226,25 @@ def rehearse(overrides: list[str], world_size: int, rank: int = 0) -> RehearsalR
 
         t_step = time.perf_counter()
         batch = synthetic_batch(cfg, meshes.dp_rank)
-        tracker = LiveBytes()
-        with fake, tracker:
-            tracker.track(params)
-            tracker.track(model.buffers())
-            base = tracker.live
+        with fake, LiveBytes(params, model.buffers()) as mem:
             optimizer = build_optimizer(model, cfg.train)
-            b = batch
-            if pipeline is not None:
-                with autocast(device, amp_dtype):
-                    pipeline.set_forward_context(lambda: autocast(device, amp_dtype))
-                    pipeline.step([b] * pipeline.num_microbatches,
-                                  b["num_tokens"] * pipeline.num_microbatches)
-            else:
-                visual = {k: b[k] for k in VISUAL_KEYS if b.get(k) is not None}
-                with autocast(device, amp_dtype):
-                    out = model(b["input_ids"], position_ids=b["position_ids"],
-                                cu_seqlens=b["cu_seqlens"], labels=b["labels"], **visual)
-                out.loss.backward()
-                del out
-            fwd_bwd_peak = tracker.peak
-            grads = [p.grad for p in params if p.grad is not None]
-            grads_bytes = tensor_bytes(grads)
-            match_grad_placements([p for p in params if p.grad is not None])
-            if model.visual is not None:
-                from parallel.vision_plan import reduce_vision_grads
-
-                reduce_vision_grads(model)
+            visual = {k: batch[k] for k in VISUAL_KEYS if batch.get(k) is not None}
+            mem.mark("forward")
+            with autocast(device, amp_dtype):
+                out = model(batch["input_ids"], position_ids=batch["position_ids"],
+                            cu_seqlens=batch["cu_seqlens"], labels=batch["labels"], **visual)
+            mem.mark("backward")
+            out.loss.backward()
+            del out
+            fwd_bwd_peak = mem.peak
+            grads_bytes = tensor_bytes(grads(params))
+            mem.mark("optimizer")
+            runner.finish_grads([p for p in params if p.grad is not None])
             optimizer.step()
-            optimizer_bytes = tensor_bytes(t for st in optimizer.state.values() for t in st.values()
-                                           if isinstance(t, torch.Tensor) and t.dim() > 0)
-            peak = tracker.peak
+            optimizer_bytes = tensor_bytes(t for t in optimizer_tensors(optimizer) if t.dim() > 0)
+            # Steady state: from the second step on, the optimizer's state is alive through the
+            # forward and backward too (the first step creates it at its end).
+            peak = max(fwd_bwd_peak + optimizer_bytes, mem.peak)
         step_s = time.perf_counter() - t_step
     finally:
         gated_delta_chunk.RECOMPUTE_IN_BACKWARD = recompute
@@ -358,7 +254,7 @@ def rehearse(overrides: list[str], world_size: int, rank: int = 0) -> RehearsalR
         model=cfg.model.name, layout=_layout_line(layout), world_size=world_size, rank=rank,
         batch=[cfg.data.batch_size, cfg.data.seq_len], params_numel=params_numel,
         params_bytes=params_bytes, grads_bytes=grads_bytes, optimizer_bytes=optimizer_bytes,
-        activations_peak_bytes=fwd_bwd_peak - base, peak_bytes=peak,
+        activations_peak_bytes=peak - params_bytes - grads_bytes - optimizer_bytes, peak_bytes=peak,
         images=0 if batch.get("image_grid_thw") is None else len(batch["image_grid_thw"]),
         wall_s=wall, build_s=build_s, step_s=step_s,
         max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
