@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
-from model.context import SequenceContext
+from model.context import SequenceContext, in_backward
 from model.mlp import SwiGLU
 
 
@@ -46,9 +46,8 @@ class TopKRouter(nn.Module):
         weights = probs.gather(-1, idx)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        # Counted once per forward: not again when activation checkpointing recomputes the layer
-        # inside backward (the graph-task id is -1 outside backward, as torch.utils.checkpoint reads it).
-        if torch._C._current_graph_task_id() == -1:
+        # Counted once per forward: not again when activation checkpointing recomputes the layer.
+        if not in_backward():
             with torch.no_grad():
                 self.tokens_per_expert += torch.bincount(idx.flatten(), minlength=self.num_experts).float()
         return logits, probs, idx, weights
