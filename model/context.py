@@ -24,6 +24,13 @@ def segment_layout(cu_seqlens: torch.Tensor, batch: int, seqlen: int) -> tuple[t
     return doc_ids.view(batch, seqlen), pos.view(batch, seqlen)
 
 
+def in_backward() -> bool:
+    """True while autograd runs a backward pass. A layer's forward runs then only as activation
+    checkpointing's recompute, which must leave no side effects (per-forward sums, counters).
+    The graph-task id is -1 outside backward; torch.utils.checkpoint reads it the same way."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class _Accumulators:
     """Mutable per-forward state (auxiliary losses, the cached mask). A plain object on purpose:
     wrappers that rebuild a module's inputs (FSDP2 copies dataclasses, dicts and lists it finds in
@@ -71,4 +78,16 @@ class SequenceContext:
         return self.state.mask
 
     def add_aux_loss(self, name: str, value: torch.Tensor) -> None:
+        """Adds a scalar to the sum `name`, once per forward: not again when activation
+        checkpointing recomputes the layer in backward (the sum would then hold the recompute's graph)."""
+        if in_backward():
+            return
         self.state.losses[name] = self.state.losses.get(name, 0.0) + value
+
+    def take_aux_losses(self) -> dict[str, torch.Tensor]:
+        """The sums, removed from the context. Checkpointed layers keep the context alive from
+        their saved tensors' hooks, so a sum left here whose graph backward never runs (an unused
+        loss, a forward without backward) would close a cycle through autograd that Python's
+        garbage collector cannot see, and leak the layers' activations every step."""
+        losses, self.state.losses = self.state.losses, {}
+        return losses

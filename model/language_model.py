@@ -237,8 +237,9 @@ def head_loss(m: nn.Module, h: torch.Tensor, input_ids: torch.Tensor, labels: to
         out.mtp_ce = mtp_loss(m, h, labels, ctx, mtp_emb)
         loss = loss + cfg.mtp_loss_coef * out.mtp_ce
     if num_moe_layers:
-        out.moe_aux = ctx.aux_losses["moe_aux"] / num_moe_layers
-        out.moe_z = ctx.aux_losses["moe_z"] / num_moe_layers
+        aux = ctx.take_aux_losses()  # the context keeps no graph past the forward
+        out.moe_aux = aux["moe_aux"] / num_moe_layers
+        out.moe_z = aux["moe_z"] / num_moe_layers
         loss = loss + cfg.router_aux_loss_coef * out.moe_aux
         if cfg.router_z_loss_coef > 0:
             loss = loss + cfg.router_z_loss_coef * out.moe_z

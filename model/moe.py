@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
-from model.context import SequenceContext
+from model.context import SequenceContext, in_backward
 from model.mlp import SwiGLU
 
 
@@ -56,9 +56,8 @@ class TopKRouter(nn.Module):
         weights = probs.gather(-1, idx)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        # Counted once per forward: not again when activation checkpointing recomputes the layer
-        # inside backward (the graph-task id is -1 outside backward, as torch.utils.checkpoint reads it).
-        if torch._C._current_graph_task_id() == -1:
+        # Counted once per forward: not again when activation checkpointing recomputes the layer.
+        if not in_backward():
             with torch.no_grad():
                 self.tokens_per_expert += expert_counts(idx, self.num_experts).float()
         return logits, probs, idx, weights
@@ -152,14 +151,10 @@ class SparseMoE(nn.Module):
         out = self.dispatcher.combine(self.experts(x_sorted, tokens_per_expert), weights)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        aux = switch_load_balancing_loss(probs, counts, self.top_k)
-        z = logits.logsumexp(dim=-1).square().mean()
-        # Stored once, not again by activation checkpointing's recompute (inside backward; it must
-        # still compute them, to save what the forward saved): a recomputed copy kept in ctx closes
-        # a cycle through the autograd graph that holds every recomputed activation after backward.
-        if torch._C._current_graph_task_id() == -1:
-            ctx.add_aux_loss("moe_aux", aux)
-            ctx.add_aux_loss("moe_z", z)
+        # Computed in a recompute too (it must save what the forward saved); the context adds them
+        # once per forward (SequenceContext.add_aux_loss).
+        ctx.add_aux_loss("moe_aux", switch_load_balancing_loss(probs, counts, self.top_k))
+        ctx.add_aux_loss("moe_z", logits.logsumexp(dim=-1).square().mean())
         return out.view(shape)
 
 

@@ -136,7 +136,8 @@ class PipelineStageModule(nn.Module):
                 return out.loss
             sent = [h.to(self.act_dtype).contiguous()]
             if self.carries_aux:
-                sums = [ctx.aux_losses.get(name) for name in AUX_NAMES]
+                aux = ctx.take_aux_losses()  # the context keeps no graph past the forward
+                sums = [aux.get(name) for name in AUX_NAMES]
                 sent.append(torch.stack([torch.zeros((), device=h.device) if s is None else s
                                          for s in sums]).to(self.aux_dtype))
             sent += [e.to(self.act_dtype).contiguous() for e in mtp_emb]
