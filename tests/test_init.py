@@ -120,12 +120,13 @@ def _reference(cfg) -> Qwen35LM:
     return ref
 
 
-def check_materialized_layout(rank: int, world: int, sizes: dict, name: str) -> None:
+def check_materialized_layout(rank: int, world: int, sizes: dict, name: str, tied: bool) -> None:
     from parallel.config import ParallelConfig
     from parallel.mesh import build_meshes, validate_layout
     from parallel.plan import parallelize
 
     cfg = load_model_config(name)
+    cfg.tie_word_embeddings = tied
     if sizes.get("tp", 1) == 4:  # 4 GDN heads to shard; the 2 KV heads are replicated
         cfg.linear_num_key_heads = cfg.linear_num_value_heads = 4
     pcfg = ParallelConfig(**sizes)
@@ -145,6 +146,7 @@ def check_materialized_layout(rank: int, world: int, sizes: dict, name: str) -> 
             p = p.full_tensor()
         assert torch.equal(p, ref_params[n]), f"rank {rank}: {n}"
     assert sharded > 0
+    assert (model.lm_head.weight is model.embed_tokens.weight) == tied
     for n, b in ref.named_buffers():
         mine = model.get_buffer(n)
         assert torch.equal(mine.full_tensor() if isinstance(mine, DTensor) else mine, b), n
@@ -155,13 +157,66 @@ def check_materialized_layout(rank: int, world: int, sizes: dict, name: str) -> 
     assert torch.allclose(out.loss, want.loss, rtol=1e-5), (float(out.loss), float(want.loss))
 
 
-@pytest.mark.parametrize("world,sizes,name", [
-    (2, {"dp_shard": 2}, "tiny_vl"),                      # FSDP2 (uneven and padded shards)
-    (2, {"tp": 2}, "tiny_vl"),                            # TP + SP, LocalCompute, vision plan
-    (2, {"dp_shard": 2, "ep": 2}, "tiny"),                # EP (+ FSDP of the rest)
-    (4, {"dp_shard": 2, "tp": 2}, "tiny_vl"),             # FSDP2 over TP: _StridedShard
-    (4, {"dp_shard": 2, "tp": 2, "ep": 2}, "tiny"),       # TP x EP
-    (4, {"tp": 4}, "tiny"),                               # more tp ranks than KV heads
-], ids=["dp2", "tp2", "ep2", "dp2xtp2", "tp2xep2", "tp4-kv-replicated"])
-def test_materialized_layout_matches_one_process(world, sizes, name):
-    run_ranks(world, check_materialized_layout, sizes, name)
+@pytest.mark.parametrize("world,sizes,name,tied", [
+    (2, {"dp_shard": 2}, "tiny_vl", False),               # FSDP2 (an empty shard: [1, 64] over 2)
+    (2, {"tp": 2}, "tiny_vl", False),                     # TP + SP, LocalCompute, vision plan
+    (2, {"tp": 2}, "tiny", True),                         # tied embedding re-tied after to_empty
+    (2, {"dp_shard": 2, "ep": 2}, "tiny", False),         # EP (+ FSDP of the rest)
+    (4, {"dp_shard": 4}, "tiny", True),                   # uneven FSDP2 shards, padding, tied
+    (4, {"dp_shard": 2, "tp": 2}, "tiny_vl", False),      # FSDP2 over TP: _StridedShard
+    (4, {"dp_shard": 2, "tp": 2, "ep": 2}, "tiny", False),  # TP x EP
+    (4, {"tp": 4}, "tiny", False),                        # more tp ranks than KV heads
+], ids=["dp2", "tp2", "tp2-tied", "ep2", "dp4-tied", "dp2xtp2", "tp2xep2", "tp4-kv-replicated"])
+def test_materialized_layout_matches_one_process(world, sizes, name, tied):
+    run_ranks(world, check_materialized_layout, sizes, name, tied)
+
+
+def check_materialized_pipeline(rank: int, world: int, sizes: dict) -> None:
+    from parallel.config import ParallelConfig
+    from parallel.mesh import build_meshes, validate_layout
+    from parallel.pipeline import parallelize_pipeline
+
+    cfg = load_model_config("tiny_vl")
+    cfg.mtp_num_layers = 1
+    pcfg = ParallelConfig(**sizes)
+    meshes = build_meshes(validate_layout(pcfg, cfg, world, seq_len=64), "cpu")
+    with torch.device("meta"):
+        model = Qwen35LM(cfg)
+    stages = parallelize_pipeline(model, meshes, pcfg, torch.device("cpu"))
+    ref_params = dict(_reference(cfg).named_parameters())
+    for stage in stages:
+        materialize(stage, "cpu", SEED)
+        names = [n for n, _ in stage.named_parameters()]
+        assert names and not any(p.is_meta for p in stage.parameters())
+        for n, p in stage.named_parameters():
+            p = p.full_tensor() if isinstance(p, DTensor) else p
+            assert torch.equal(p, ref_params[n]), f"rank {rank} stage {stage.stage_index}: {n}"
+        assert torch.equal(stage.rotary.inv_freq, model.rotary._inv_freq())
+
+
+@pytest.mark.parametrize("world,sizes", [
+    (2, {"pp": 2}),
+    (4, {"pp": 2, "dp_shard": 2}),
+    (4, {"pp": 2, "tp": 2}),
+], ids=["pp2", "pp2xdp2", "pp2xtp2"])
+def test_materialized_pipeline_stages_match_one_process(world, sizes):
+    run_ranks(world, check_materialized_pipeline, sizes)
+
+
+def test_global_indices_beyond_2_pow_32_address_the_same_elements():
+    rows, cols = 1 << 20, 1 << 13  # 2^33 elements
+    part = init_region(normal(1.0), SEED, "big", (rows, cols), [torch.tensor([rows - 1]), torch.arange(5)],
+                       torch.float32, "cpu")
+    flat = torch.arange(5) + (rows - 1) * cols
+    assert torch.equal(part[0], init_region(normal(1.0), SEED, "big", (rows * cols,), [flat], torch.float32, "cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_gives_the_cpu_values():
+    idx = torch.cat([torch.arange(1 << 16), torch.arange(5) + (1 << 33)])
+    key = stream_key(SEED, "w")
+    assert torch.equal(random_bits(key, idx.cuda()).cpu(), random_bits(key, idx))
+    for rule in (normal(0.02), Rule("log_uniform", 0.01, 16.0)):
+        cpu = init_region(rule, SEED, "w", (1 << 34,), [idx], torch.float32, "cpu")
+        gpu = init_region(rule, SEED, "w", (1 << 34,), [idx], torch.float32, "cuda")
+        assert (gpu.cpu() != cpu).sum() <= 2  # fp64 transcendentals rounded to fp32: ties only
