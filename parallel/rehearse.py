@@ -2,6 +2,7 @@
 
     python -m parallel.rehearse model=qwen35_397b_a17b parallel.tp=8 parallel.ep=16 --world-size 128 \
         [--rank R] [--json]
+    python -m parallel.rehearse model=qwen35_397b_a17b --world-size 64 --suggest --gpu-mem-gib 141
 
 The process group is torch's fake backend (every collective returns at once, moving nothing), the
 model is built on the meta device, the meshes and every plan of the layout are applied by the same
@@ -270,7 +271,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--world-size", type=int, required=True)
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--suggest", action="store_true",
+                   help="list the layouts of --world-size GPUs that fit --gpu-mem-gib (parallel/suggest.py)")
+    p.add_argument("--gpu-mem-gib", type=float, default=141.0)
     args, overrides = p.parse_known_args(argv)
+    if args.suggest:
+        from parallel import suggest
+
+        return suggest.main([*overrides, "--world-size", str(args.world_size),
+                             "--gpu-mem-gib", str(args.gpu_mem_gib)])
     report = rehearse(overrides, args.world_size, args.rank)
     print(json.dumps(asdict(report)) if args.json else report.lines())
     return 0
