@@ -89,3 +89,31 @@ def test_enumerate_rank_and_format():
     assert all(s.memory.peak_bytes <= 141 * GIB for s in out)
     assert suggest_layouts(cfg, 8, 1e-6, seq_len=128, micro_batch=2) == []
     assert "no layout fits" in format_table([], 1)
+
+
+def _check_ranks(rank: int, world: int, run_dir: str, overrides: list, out: str) -> None:
+    from parallel.layout import validate_layout
+    from train.trainer import Trainer
+
+    cfg = load_config(["experiment=smoke_cpu_text", "logging.wandb=disabled", "checkpoint.interval=0",
+                       "train.device=cpu", *overrides])
+    tr = Trainer(cfg, Path(run_dir) / str(rank))
+    tr.train_step()
+    ps = list(tr.model.parameters())
+    with LiveBytes(ps, grads(ps), optimizer_tensors(tr.optimizer), tr.model.buffers()) as mem:
+        tr.train_step()
+    layout = validate_layout(cfg.parallel, cfg.model, world, cfg.data.seq_len)
+    est = estimate_memory(cfg.model, layout, spec_from_config(cfg, "cpu"), rank=rank)
+    Path(out, f"{rank}.txt").write_text(f"{mem.peak} {est.peak_bytes}")
+
+
+@pytest.mark.parametrize("layout", [["parallel.dp_shard=2"], ["parallel.tp=2"]], ids=["dp2", "tp2"])
+def test_estimate_within_15_percent_of_a_gloo_run(tmp_path, layout):
+    """The estimate against the peak live bytes of a real 2-rank gloo training step."""
+    from tests.distributed import run_ranks
+
+    overrides = ["model=tiny", "data.seq_len=256", "data.batch_size=4", *layout]
+    run_ranks(2, _check_ranks, str(tmp_path), overrides, str(tmp_path))
+    for rank in range(2):
+        measured, est = map(int, (tmp_path / f"{rank}.txt").read_text().split())
+        assert abs(est / measured - 1) < 0.15, (rank, measured, est)
