@@ -8,11 +8,13 @@ The process group is torch's fake backend (every collective returns at once, mov
 model is built on the meta device, the meshes and every plan of the layout are applied by the same
 code the trainer runs (`parallelize`; pp > 1 is refused: the pipeline's first step exchanges
 pickled shape metadata between stages, which a fake group cannot deliver), and the parameters are
-materialised as fake tensors (`to_empty` under FakeTensorMode: shapes, dtypes and storages, no
-memory). Then one step runs on a synthetic batch of data.batch_size x data.seq_len: forward, loss,
-backward, AdamW. A dispatch mode counts the bytes of the live storages (a weakref finalizer per
-storage): what this rank would hold on its GPU, without the allocator's fragmentation, the CUDA
-context or the communication libraries' buffers.
+materialised as fake tensors (the trainer's `materialize`, allocation only, under FakeTensorMode:
+shapes, dtypes and storages, no memory). Then one step runs on a synthetic batch of
+data.batch_size x data.seq_len: forward, loss, backward, AdamW. parallel/memory_tracker.py counts
+the bytes of the live storages: what this rank would hold on its GPU, without the allocator's
+fragmentation, the CUDA context or the communication libraries' buffers. The reported peak is the
+steady state's: the first step's forward and backward plus the optimizer state that later steps
+carry through them.
 
 Precision: as on the GPU when `train.autocast` / `parallel.param_dtype` are `auto` (bf16 compute,
 FSDP gathers in bf16, fp32 master weights, gradients and AdamW state); the step runs on a fake CPU
@@ -32,7 +34,6 @@ One rehearsal per process: torch's DTensor caches keep meshes of the fake group 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource

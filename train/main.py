@@ -87,7 +87,7 @@ def memory_error(cfg: RootConfig) -> str | None:
     limit = gib * GIB if gib is not None else device_memory_bytes(device)
     if est.peak_bytes <= limit:
         return None
-    from parallel.suggest import min_world_hint, one_meta_build, suggest_layouts
+    from parallel.suggest import one_meta_build
 
     with one_meta_build():
         return _memory_message(cfg, est, layout, world, limit, gib, device, spec)
