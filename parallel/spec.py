@@ -183,6 +183,11 @@ def param_placement(param: str, owner_role: Optional[str], params: dict, tp: int
     return None
 
 
+def head_params(name: str, module, spec: tuple[ModuleSpec, ...] = QWEN35_SPEC) -> dict:
+    """The per-parameter rules of the `heads` row matching `module` ({} for other modules)."""
+    return next((r.params for r in spec if r.tp == "heads" and r.matches(name, module)), {})
+
+
 def tp_placements(model, tp: int, num_kv_heads: int,
                   spec: tuple[ModuleSpec, ...] = QWEN35_SPEC) -> dict[str, str]:
     """{parameter name: shard0 | shard1 | replicate} of the parameters tensor parallelism of size
@@ -192,7 +197,7 @@ def tp_placements(model, tp: int, num_kv_heads: int,
         role = tp_role(mname, m, spec)
         if role is None:
             continue
-        params = next(r.params for r in spec if r.tp == role and r.matches(mname, m))
+        params = head_params(mname, m, spec)
         for pname, _ in m.named_parameters(recurse=role == "heads"):
             placement = param_placement(pname, role, params, tp, num_kv_heads)
             if placement is not None:

@@ -37,7 +37,7 @@ from model.language_model import Qwen35LM
 from model.loss import IGNORE_INDEX
 from parallel import collectives
 from parallel.local_params import LocalCompute
-from parallel.spec import QWEN35_SPEC, ModuleSpec, param_placement, tp_role
+from parallel.spec import QWEN35_SPEC, ModuleSpec, head_params, param_placement, tp_role
 
 
 def apply_tensor_parallel(model: Qwen35LM, tp_mesh: DeviceMesh,
@@ -50,8 +50,7 @@ def apply_tensor_parallel(model: Qwen35LM, tp_mesh: DeviceMesh,
         role = tp_role(name, module, spec)
         if role is None:
             continue
-        row = _heads_row(spec, name, module) if role == "heads" else None
-        parallelize_module(module, tp_mesh, _style(role, row, module, tp_mesh))
+        parallelize_module(module, tp_mesh, _style(role, head_params(name, module, spec), module, tp_mesh))
     if tied:  # both are Shard(0) over the vocabulary: one parameter again
         model.lm_head.weight = model.embed_tokens.weight
     vocab_local = model.cfg.vocab_size // tp
@@ -74,11 +73,7 @@ def stack_boundaries(first_layer: nn.Module, last_layer: nn.Module, tp_mesh: Dev
             output_layouts=Shard(1), desired_output_layouts=Replicate(), use_local_output=True))
 
 
-def _heads_row(spec: tuple[ModuleSpec, ...], name: str, module: nn.Module) -> ModuleSpec:
-    return next(r for r in spec if r.tp == "heads" and r.matches(name, module))
-
-
-def _style(role: str, row, module: nn.Module, tp_mesh: DeviceMesh):
+def _style(role: str, params: dict, module: nn.Module, tp_mesh: DeviceMesh):
     """The torch ParallelStyle of one TP role (see parallel/spec.py TP_ROLES)."""
     if role == "column":
         return ColwiseParallel()
@@ -106,7 +101,7 @@ def _style(role: str, row, module: nn.Module, tp_mesh: DeviceMesh):
         # output) and one backward (the input's gradient, once for gate and up together).
         return PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),))
     if role == "heads":
-        return LocalCompute(_head_placements(module, row.params, tp_mesh),
+        return LocalCompute(_head_placements(module, params, tp_mesh),
                             input_layouts=(Replicate(), None), partial_input_grad=True)
     raise ValueError(f"no ParallelStyle for TP role {role!r}")
 
@@ -117,7 +112,7 @@ def _head_placements(mixer: nn.Module, params: dict, tp_mesh: DeviceMesh) -> dic
     replicates KV heads the same way); their weight grads are summed."""
     tp = tp_mesh.size()
     out = {}
-    for pname, rule in params.items():
+    for pname in params:
         placement = param_placement(pname, "heads", params, tp, getattr(mixer, "num_kv_heads", 0))
         out[pname] = Shard(0) if placement == "shard0" else Partial()
     if isinstance(mixer, GatedAttention):
