@@ -115,8 +115,11 @@ GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Rows offs[e-1]:offs[e] of x times w[e]^T, for all experts e in one call.
 
-    x: [M, K], w: [E, N, K], offs: [E] int32 cumulative row counts -> [M, N] in x's dtype.
+    x: [M, K], w: [E, N, K], offs: [E] int32 cumulative row counts -> [M, N] in x's dtype, or in
+    the autocast dtype inside autocast.
     """
+    if torch.is_autocast_enabled(x.device.type):  # autocast casts matmuls but not grouped_mm
+        x = x.to(torch.get_autocast_dtype(x.device.type))
     w = w.to(x.dtype)
     if x.shape[0] == 0:  # no rows (an expert-parallel rank that received none); keeps w in the graph
         return x @ w[0].T
