@@ -90,7 +90,7 @@ class Trainer:
         self.skipped_steps = 0
         self.bad_streak = 0
 
-        self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len, counts)
+        self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops, peak_source = peak_flops(self.device, cfg.train.peak_flops)
         log.info("model %s: %.2fM parameters, %.2fM active per token, %.3g train FLOPs/token",
                  cfg.model.name, counts.total / 1e6, counts.active / 1e6, self.flops_per_token)
