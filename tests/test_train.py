@@ -3,6 +3,8 @@ schedules, decay groups, non-finite steps, and the CLI smoke run."""
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 
@@ -13,6 +15,7 @@ from train import checkpoint as ckpt
 from train.config import TrainConfig
 from train.main import load_config
 from train.optim import build_optimizer, lr_factor
+from train.preempt import Stopped
 from train.trainer import Trainer
 
 FAST = ["model=tiny", "model.mtp_num_layers=1", "model.router_bias_balancing=true",
@@ -45,6 +48,41 @@ def test_resume_gives_identical_losses(tmp_path):
     a, b = read_metrics(full), read_metrics(split)
     assert [r["step"] for r in b] == list(range(1, 2 * n + 1))
     for key in ("loss", "ce", "mtp_ce", "moe_aux", "grad_norm", "lr", "expert_load_imbalance"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+
+
+def _signal_during_step(trainer, at_step, signum):
+    """Deliver `signum` to this process at the start of step `at_step` (as Slurm's SIGTERM lands)."""
+    step = trainer.train_step
+
+    def signalled_step():
+        if trainer.step + 1 == at_step:
+            os.kill(os.getpid(), signum)
+        return step()
+
+    trainer.train_step = signalled_step
+
+
+def test_signals_checkpoint_after_the_step_and_resume_is_exact(tmp_path):
+    """SIGINT during step 2 and SIGTERM during step 4 each finish that step, commit a checkpoint
+    there (no periodic ones: checkpoint.interval=0) and stop; resuming twice logs what one
+    uninterrupted run logs."""
+    args = ["train.lr_decay_steps=6", "train.max_steps=6", "checkpoint.interval=0"]
+    full = tmp_path / "full"
+    make_trainer(full, *args).fit()
+    split = tmp_path / "split"
+    for signum, at in ((signal.SIGINT, 2), (signal.SIGTERM, 4)):
+        t = make_trainer(split, *args)
+        _signal_during_step(t, at, signum)
+        with pytest.raises(Stopped, match=f"stopped by {signum.name} after step {at}") as e:
+            t.fit()
+        assert e.value.signum == signum and e.value.step == at
+        assert ckpt.latest_checkpoint(split / "checkpoints").name == ckpt.step_dir_name(at)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers put back
+    make_trainer(split, *args).fit()
+    a, b = read_metrics(full), read_metrics(split)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for key in ("loss", "grad_norm", "lr"):
         assert [r[key] for r in a] == [r[key] for r in b], key
 
 

@@ -158,9 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
     setup_logging(run_dir, rank)
+    from train.preempt import Stopped
     from train.trainer import Trainer  # heavy imports only once the config is known to be good
 
-    Trainer(cfg, run_dir).fit()
+    try:
+        Trainer(cfg, run_dir).fit()
+    except Stopped as e:
+        log.warning("%s", e)
+        return 128 + e.signum  # the shell's code for "ended by this signal"
     return 0
 
 

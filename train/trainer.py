@@ -38,6 +38,7 @@ from train.config import RootConfig
 from train.fp8_policy import apply_precision, fp8_amax_group
 from train.metrics import MetricsLogger, console_line, peak_flops
 from train.optim import build_optimizer, build_scheduler, load_scheduler_state
+from train.preempt import StopRequest, Stopped
 from train.precision import autocast, autocast_dtype, resolve_device
 from train.report import caption_loss_gap, plot_loss_curves, write_caption_report
 
@@ -259,6 +260,7 @@ class Trainer:
         # the named collective it is in (parallel/collectives.py), before a hang ends the job.
         timeout = cfg.parallel.collective_timeout_s
         watchdog = StepWatchdog(timeout / 2, timeout) if self.meshes is not None else None
+        stop = StopRequest().install()
         try:
             while self.step < cfg.train.max_steps:
                 if watchdog is not None:
@@ -280,12 +282,20 @@ class Trainer:
                 if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                     self.save()
                     last_saved = self.step
+                signum = stop.agreed(self.device)
+                if signum is not None and self.step < cfg.train.max_steps:
+                    # Preemption: Slurm sends SIGTERM, then SIGKILL after its KillWait (30 s by
+                    # default), so save now, not at the next interval.
+                    path = self.save() if last_saved != self.step else ckpt.latest_checkpoint(
+                        self.ckpt_dir)
+                    raise Stopped(signum, self.step, path)
             if watchdog is not None:
                 watchdog.begin("the final checkpoint save and report")
             if cfg.checkpoint.save_final and last_saved != self.step:
                 self.save()
             self.final_report()
         finally:
+            stop.uninstall()
             if watchdog is not None:
                 watchdog.close()
             metrics.close()
