@@ -75,6 +75,11 @@ def validate_data_config(cfg: DataConfig) -> None:
     if cfg.start_doc < 0:
         raise ValueError(f"data.start_doc={cfg.start_doc} must be >= 0")
     if cfg.name != "webdataset":
+        # Shards given to another source would be ignored: the run would train on something else.
+        if cfg.shards or cfg.sources:
+            given = f"data.shards={cfg.shards!r}" if cfg.shards else f"data.sources={list(cfg.sources)}"
+            raise ValueError(f"{given}: shards are read only with data=webdataset "
+                             f"(data.name={cfg.name!r} would ignore them); add data=webdataset")
         return
     if bool(cfg.shards) == bool(cfg.sources):
         raise ValueError(f"data.shards={cfg.shards!r} and data.sources={dict(cfg.sources)!r}: "

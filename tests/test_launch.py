@@ -12,7 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARDS = "data.shards=DIR/shard-{000000..000009}.tar"   # as the shell hands it over, quotes stripped
-OVERRIDES = ["experiment=smoke_cpu_text", "parallel.tp=2", SHARDS, "run_dir=/tmp/a b"]
+OVERRIDES = ["experiment=smoke_cpu_text", "data=webdataset", "parallel.tp=2", SHARDS, "run_dir=/tmp/a b"]
 TRAIN = ["--module", "train.main", *OVERRIDES]
 
 
@@ -36,7 +36,7 @@ def node_lines(out):
 def test_torchrun_one_node_dry_run():
     out = launch("torchrun.sh", "--dry-run", *OVERRIDES, env={"NPROC_PER_NODE": "8"}).stdout
     assert ("[node 0] torchrun --standalone --nproc-per-node 8 --max-restarts 0 --module train.main "
-            "experiment=smoke_cpu_text parallel.tp=2 data.shards='DIR/shard-{000000..000009}.tar' "
+            "experiment=smoke_cpu_text data=webdataset parallel.tp=2 data.shards='DIR/shard-{000000..000009}.tar' "
             "run_dir='/tmp/a b'") in out
     assert node_lines(out) == {"node 0": ["torchrun", "--standalone", "--nproc-per-node", "8",
                                           "--max-restarts", "0", *TRAIN]}
@@ -153,7 +153,7 @@ def test_slurm_cpu_allocation_needs_no_gpu_options(tmp_path):
 
 def test_cpu_checks_the_config_then_runs_the_printed_command(tmp_path):
     env = {**_fake_bin(tmp_path), "OMP_NUM_THREADS": "1"}
-    args = ["2", "experiment=smoke_cpu_text", SHARDS, f"run_dir={tmp_path / 'run'}"]
+    args = ["2", "experiment=smoke_cpu_text", "data=webdataset", SHARDS, f"run_dir={tmp_path / 'run'}"]
     dry = node_lines(launch("cpu.sh", "--dry-run", *args, env=env).stdout)
     launch("cpu.sh", *args, env=env)
     assert _calls(tmp_path) == [dry["node 0"][3:]]

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from model.config import ConfigError
-from train.config import RootConfig, register_configs, validate_config
+from train.config import RootConfig, register_configs, unknown_keys, validate_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 log = logging.getLogger("train")
@@ -45,9 +45,14 @@ def load_config(overrides: list[str]) -> RootConfig:
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             composed = compose(config_name="config", overrides=quote_brace_values(overrides))
+        unknown = unknown_keys(OmegaConf.to_container(composed, resolve=False), RootConfig)
         cfg = OmegaConf.to_object(composed)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_one_line(e)) from None
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: not a config field (the schema, train/config.py and the "
+                          f"groups' schemas, has no such key; a '+' override adds only known keys)"
+                          + (f"; also unknown: {', '.join(unknown[1:])}" if unknown[1:] else ""))
     try:
         return validate_config(cfg)
     except ValueError as e:  # data/ raises plain ValueError with the same kind of message
