@@ -157,17 +157,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {error}", file=sys.stderr)
         return 2
 
+    from train.preflight import checkpoint_dir, preflight, remove_stale_saves
+
+    try:
+        preflight(cfg)  # paths read and directories written, before anything is built
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     rank = int(os.environ.get("RANK", "0"))  # torchrun sets it; the process group starts later
     if rank == 0:
         OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
     setup_logging(run_dir, rank)
+    if rank == 0:
+        remove_stale_saves(checkpoint_dir(cfg))
+    from train.checkpoint import DiskFullError
     from train.preempt import Stopped
     from train.trainer import Trainer  # heavy imports only once the config is known to be good
 
     try:
         Trainer(cfg, run_dir).fit()
+    except DiskFullError as e:
+        log.error("%s", e)
+        return 1
     except Stopped as e:
         log.warning("%s", e)
         return 128 + e.signum  # the shell's code for "ended by this signal"
