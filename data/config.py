@@ -41,6 +41,9 @@ class DataConfig:
     shuffle_shards: bool = True  # a new shard order every epoch
     shuffle_buffer: int = 256  # samples per shuffle block; <= 1 keeps the shard order
     epochs: Optional[int] = None  # passes over every source; None = endless
+    # Resume although the shard list differs from the checkpoint's (same count): the streams
+    # continue at the same positions of the new list. Off: such a resume is refused.
+    allow_changed_shards: bool = False
     # Cap on merged visual tokens per packed row; None = seq_len // 2.
     max_visual_tokens: Optional[int] = None
     patch_size: int = 16  # must match model.vision

@@ -26,6 +26,7 @@ packing). A changed data.num_workers at the same data-parallel size is refused w
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -283,6 +284,7 @@ class WebDatasetLoader:
         return {"version": STATE_VERSION, "kind": "webdataset", "seed": self.cfg.seed,
                 "dp_rank": self.dp_rank, "dp_world": self.dp_world, "workers": self.workers,
                 "shards": {n: len(u) for n, (u, _) in self.sources.items()},
+                "shard_lists": shard_fingerprints(self.sources),
                 "batches": self.batches, "next_worker": self.next_worker,
                 "states": list(self.states)}
 
@@ -304,6 +306,7 @@ class WebDatasetLoader:
         if sd.get("kind") != "webdataset" or int(sd["version"]) != STATE_VERSION:
             raise ValueError(f"data loader state of kind {sd.get('kind')!r} version "
                              f"{sd.get('version')} is not a webdataset loader state v{STATE_VERSION}")
+        self._check_shard_lists(sd.get("shard_lists"))
         here = {"seed": self.cfg.seed, "dp_rank": self.dp_rank, "dp_world": self.dp_world,
                 "workers": self.workers,
                 "shards": {n: len(u) for n, (u, _) in self.sources.items()}}
@@ -319,6 +322,22 @@ class WebDatasetLoader:
                     f"data loader state has {key}={sd[key]} but this loader has {key}={here[key]}; "
                     f"exact resume needs the same data.seed, shards, data-parallel size and "
                     f"data.num_workers{hint}")
+
+    def _check_shard_lists(self, saved: Optional[dict[str, str]]) -> None:
+        """The stream positions index the shard list: other files, or the same in another order,
+        would silently resume elsewhere. (States written before this check have no fingerprint.)"""
+        if saved is None or self.cfg.allow_changed_shards:
+            return
+        here = shard_fingerprints(self.sources)
+        for name in sorted(set(saved) & set(here)):
+            if saved[name] != here[name]:
+                field = f"data.sources.{name}.shards" if self.cfg.sources else "data.shards"
+                raise ValueError(
+                    f"{field}: the shard list differs from the one the checkpoint was written with "
+                    f"(other files or another order; {len(self.sources[name][0])} shards now): "
+                    f"resuming would not continue where the run stopped; resume with the same "
+                    f"shards, or set data.allow_changed_shards=true to continue at the same "
+                    f"positions of the new list")
 
     def _remapped(self, old: list[dict[str, Any]]) -> dict[str, Any]:
         """This rank's state in this layout from every rank's state of another: the old slots'
@@ -363,6 +382,12 @@ class WebDatasetLoader:
 
     def close(self) -> None:
         self._it = None  # a DataLoader iterator shuts its workers down when collected
+
+
+def shard_fingerprints(sources: dict[str, tuple[list[str], float]]) -> dict[str, str]:
+    """name -> a digest of its ordered shard list (a checkpoint keeps this, not the list)."""
+    return {name: hashlib.sha256("\n".join(urls).encode()).hexdigest()[:16]
+            for name, (urls, _) in sources.items()}
 
 
 def resolve_sources(cfg: DataConfig) -> dict[str, tuple[list[str], float]]:

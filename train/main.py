@@ -180,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     except DiskFullError as e:
         log.error("%s", e)
         return 1
+    except ConfigError as e:  # found once the checkpoint is read (e.g. another shard list)
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     except Stopped as e:
         log.warning("%s", e)
         return 128 + e.signum  # the shell's code for "ended by this signal"

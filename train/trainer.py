@@ -25,6 +25,7 @@ import torch
 from omegaconf import OmegaConf
 
 from data import build_loader
+from model.config import ConfigError
 from model.language_model import Qwen35LM
 from model.params import count_params, train_flops_per_token
 from parallel.collectives import StepWatchdog
@@ -139,12 +140,15 @@ class Trainer:
                                      self.dp_size)
         self.step = extra["step"]
         load_scheduler_state(self.scheduler, extra["scheduler"])
-        if "dp_extras" in extra:
-            log.info("data-parallel size %d -> %d: remapping the data loader's position",
-                     len(extra["dp_extras"]), self.dp_size)
-            self.loader.load_state_dict([e["data"] for e in extra["dp_extras"]])
-        else:
-            self.loader.load_state_dict(extra["data"])
+        try:  # the loader refuses a resume that would not continue the same data stream
+            if "dp_extras" in extra:
+                log.info("data-parallel size %d -> %d: remapping the data loader's position",
+                         len(extra["dp_extras"]), self.dp_size)
+                self.loader.load_state_dict([e["data"] for e in extra["dp_extras"]])
+            else:
+                self.loader.load_state_dict(extra["data"])
+        except ValueError as e:
+            raise ConfigError(f"cannot resume from {path}: {e}") from None
         ckpt.set_rng_state(extra["rng"])
         self.skipped_steps = extra["skipped_steps"]
         self.bad_streak = extra["bad_streak"]
