@@ -1,12 +1,18 @@
 """What hostile data and wrong resumes must not do: crash the trainer, loop forever, or resume
 silently on other data."""
 
+import io
 import shutil
+import struct
+import zlib
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from data import build_loader
 from data.config import DataConfig
+from data.decode import decode_image
 from data.synthetic import write_synthetic
 
 SMALL = dict(name="webdataset", seq_len=128, batch_size=4, image_min_pixels=1024,
@@ -42,3 +48,80 @@ def test_resume_with_another_shard_list_is_refused(syn, tmp_path):
     same = build_loader(DataConfig(**SMALL, shards="::".join(str(syn / n) for n in names)))
     same.load_state_dict(state)
     next(same)
+
+
+# ---- image modes ---------------------------------------------------------------------------------
+
+
+def png16(arr: np.ndarray) -> bytes:
+    """A 16-bit PNG (grayscale [H, W] or RGB [H, W, 3] uint16), written by hand: pillow cannot
+    write 16-bit RGB."""
+    h, w = arr.shape[:2]
+    raw = b"".join(b"\0" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, 0 if arr.ndim == 2 else 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+            + chunk(b"IEND", b""))
+
+
+def encoded(img: Image.Image, fmt="PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def decoded(data: bytes) -> np.ndarray:
+    pixels, _ = decode_image(data, 1 << 20)
+    return pixels.permute(1, 2, 0).numpy().astype(np.int64)  # [H, W, 3]
+
+
+RNG = np.random.default_rng(0)
+U16 = RNG.integers(0, 65536, size=(6, 7), dtype=np.uint16)
+U8 = RNG.integers(0, 256, size=(6, 7, 4), dtype=np.uint8)
+
+
+def test_16bit_grayscale_is_scaled_not_clipped_to_white():
+    want = np.rint(U16 / 257.0)
+    got = decoded(png16(U16))
+    assert Image.open(io.BytesIO(png16(U16))).mode.startswith("I")
+    assert np.abs(got - want[..., None]).max() == 0
+    assert got.min() < 100  # pillow's own convert("RGB") gives 255 for every value over 255
+
+
+def test_16bit_rgb_png_is_scaled():
+    rgb = np.stack([U16, U16[::-1], 65535 - U16], axis=-1)
+    assert np.abs(decoded(png16(rgb)) - np.rint(rgb / 257.0)).max() <= 1  # pillow keeps the high byte
+
+
+def test_cmyk_converts_multiplicatively():
+    cmyk = U8
+    want = (255.0 - cmyk[..., :3]) * (255.0 - cmyk[..., 3:]) / 255.0
+    got = decoded(encoded(Image.fromarray(cmyk, "CMYK"), "TIFF"))
+    assert np.abs(got - want).max() <= 1
+
+
+def test_alpha_is_composited_over_white():
+    rgba = U8
+    a = rgba[..., 3:] / 255.0
+    want = rgba[..., :3] * a + 255.0 * (1 - a)
+    assert np.abs(decoded(encoded(Image.fromarray(rgba, "RGBA"))) - want).max() <= 1
+    la = np.stack([U8[..., 0], U8[..., 3]], axis=-1)
+    want = la[..., :1] * a + 255.0 * (1 - a)
+    assert np.abs(decoded(encoded(Image.fromarray(la, "LA"))) - want).max() <= 1
+
+
+def test_palette_and_grayscale_convert_by_lookup():
+    gray = U8[..., 0]
+    assert np.array_equal(decoded(encoded(Image.fromarray(gray, "L"))), np.repeat(gray[..., None], 3, -1))
+    palette = RNG.integers(0, 256, size=(256, 3), dtype=np.uint8)
+    p = Image.fromarray(gray, "P")
+    p.putpalette(palette.tobytes())
+    assert np.array_equal(decoded(encoded(p)), palette[gray].astype(np.int64))
+    p.info["transparency"] = int(gray[0, 0])  # that index is transparent: white
+    got = decoded(encoded(p, transparency=int(gray[0, 0])))
+    assert (got[gray == gray[0, 0]] == 255).all()
+    assert np.array_equal(got[gray != gray[0, 0]], palette[gray[gray != gray[0, 0]]].astype(np.int64))
