@@ -44,6 +44,9 @@ class DataConfig:
     # Resume although the shard list differs from the checkpoint's (same count): the streams
     # continue at the same positions of the new list. Off: such a resume is refused.
     allow_changed_shards: bool = False
+    # Samples of one source skipped in a row (bad JSON, undecodable media...) that stop the run
+    # with a message naming the source; 0 = never stop.
+    max_consecutive_skips: int = 1000
     # Cap on merged visual tokens per packed row; None = seq_len // 2.
     max_visual_tokens: Optional[int] = None
     patch_size: int = 16  # must match model.vision
@@ -92,7 +95,7 @@ def validate_data_config(cfg: DataConfig) -> None:
             raise ValueError(f"data.sources.{name}.shards={src.shards!r}: must name shards")
         if not src.weight > 0:
             raise ValueError(f"data.sources.{name}.weight={src.weight!r}: must be > 0")
-    for fld in ("num_workers",):
+    for fld in ("num_workers", "max_consecutive_skips"):
         if getattr(cfg, fld) < 0:
             raise ValueError(f"data.{fld}={getattr(cfg, fld)} must be >= 0")
     for fld in ("prefetch_factor", "patch_size", "temporal_patch_size", "merge_size",

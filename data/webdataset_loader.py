@@ -37,7 +37,7 @@ import torch
 
 from data.config import DataConfig, source_specs, validate_data_config
 from data.documents import Document, DocumentBuilder
-from data.format import BadSample
+from data.format import BadSample, DataError
 from data.mm_packing import MMRow, MultimodalPacker, collate_rows
 from data.shards import ShardStream, expand_shards, legacy_units
 from data.tokenizer import load_tokenizer
@@ -45,6 +45,7 @@ from model.vision_tokens import VisionTokenIds
 
 log = logging.getLogger("data")
 STATE_VERSION = 1
+KEPT = ("oversized_image",)  # counted with the skips, but the sample is kept (resized down)
 LOG_FIRST = 10  # per kind and slot, then every LOG_EVERY-th
 LOG_EVERY = 1000
 
@@ -59,6 +60,7 @@ class SlotPipeline:
         self.tokenizer = tokenizer
         self.ids = VisionTokenIds.from_tokenizer(tokenizer)
         self.skipped: Counter = Counter()
+        self.bad_run: Counter = Counter()  # samples skipped in a row, per source
         self._quiet = False
         self.builder = DocumentBuilder(cfg, tokenizer, count=lambda kind: self._skip(kind, ""))
         self.sources = sources
@@ -117,13 +119,30 @@ class SlotPipeline:
             if raw is None:
                 self.done.add(name)
                 continue
+            where = f"{raw.get('__url__')} sample {raw.get('__key__')!r}"
             try:
                 doc = self.builder.build(raw, name)
             except BadSample as e:
-                self._skip(e.kind, f"{raw.get('__url__')} sample {raw.get('__key__')!r}: {e}")
+                self._skip_sample(name, e.kind, f"{where}: {e}")
                 continue
+            except Exception as e:  # noqa: BLE001 - no sample may stop the run; each is counted
+                self._skip_sample(name, "sample_error", f"{where}: {type(e).__name__}: {e}")
+                continue
+            self.bad_run[name] = 0
             doc.ref = ref
             return doc
+
+    def _skip_sample(self, source: str, kind: str, message: str) -> None:
+        """Count a skipped sample; a source whose samples keep failing stops the run (an endless
+        source would otherwise loop through its bad samples forever without a batch)."""
+        self._skip(kind, message)
+        self.bad_run[source] += 1
+        limit = self.cfg.max_consecutive_skips
+        if limit and self.bad_run[source] >= limit:
+            field = f"data.sources.{source}.shards" if self.cfg.sources else "data.shards"
+            raise DataError(f"source {source!r} ({field}={source_specs(self.cfg)[source][0]!r}): "
+                            f"{self.bad_run[source]} samples in a row skipped (last: {kind}: "
+                            f"{message}); check the data, or raise data.max_consecutive_skips")
 
     def _doc_at(self, name: str, ref: dict, offset: int) -> Document:
         """The piece from ``offset`` of the document whose raw sample is at ``ref`` (resume); a
@@ -272,13 +291,13 @@ class WebDatasetLoader:
         return batch
 
     def metrics(self) -> dict[str, int]:
-        """Skipped (or, for ``oversized_image``, resized) samples so far, by kind, over the workers
-        of this rank, as of the batches consumed: ``{"skipped/<kind>": n}``."""
+        """Skipped samples so far, by kind, over the workers of this rank, as of the batches
+        consumed: ``{"skipped/<kind>": n}``; images kept but resized down: ``resized/<kind>``."""
         total: Counter = Counter()
         for s in self.states:
             if s is not None:
                 total.update(s["skipped"])
-        return {f"skipped/{k}": v for k, v in sorted(total.items())}
+        return {f"{'resized' if k in KEPT else 'skipped'}/{k}": v for k, v in sorted(total.items())}
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "kind": "webdataset", "seed": self.cfg.seed,

@@ -1,9 +1,12 @@
 """What hostile data and wrong resumes must not do: crash the trainer, loop forever, or resume
 silently on other data."""
 
+import contextlib
 import io
 import shutil
+import signal
 import struct
+import tarfile
 import zlib
 
 import numpy as np
@@ -11,9 +14,12 @@ import pytest
 from PIL import Image
 
 from data import build_loader
-from data.config import DataConfig
+from data.config import DataConfig, SourceConfig
 from data.decode import decode_image
+from data.format import DataError, encode_sample, tar_member_bytes
+from data.shards import iter_tar_samples
 from data.synthetic import write_synthetic
+from data.tokenizer import Tokenizer, load_tokenizer
 
 SMALL = dict(name="webdataset", seq_len=128, batch_size=4, image_min_pixels=1024,
              video_min_pixels=1024, shuffle_buffer=8)
@@ -125,3 +131,99 @@ def test_palette_and_grayscale_convert_by_lookup():
     got = decoded(encoded(p, transparency=int(gray[0, 0])))
     assert (got[gray == gray[0, 0]] == 255).all()
     assert np.array_equal(got[gray != gray[0, 0]], palette[gray[gray != gray[0, 0]]].astype(np.int64))
+
+
+# ---- hostile samples -----------------------------------------------------------------------------
+
+
+def text_shard(path, docs):
+    """A tar of samples (key, files); a files value that is a str is the text of a document."""
+    sink_dir = path.parent
+    sink_dir.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for key, files in docs:
+            if isinstance(files, str):
+                files = encode_sample(key, [{"text": files}])
+            for ext, data in files.items():
+                tar.addfile(*tar_member_bytes(f"{key}.{ext}", data))
+    return str(path)
+
+
+def texts_of(loader, tok, limit=50):
+    out = []
+    for i, b in enumerate(loader):
+        ids = b["input_ids"].flatten().tolist()
+        out.append(tok.decode([t for t in ids if t > 5]))
+        if i >= limit:
+            break
+    return " ".join(out)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(None)
+
+
+def test_lone_surrogate_and_any_sample_error_are_skipped_and_counted(tmp_path, tok, monkeypatch):
+    lone = {"json": b'{"segments": [{"text": "bad \\ud800 text"}]}'}  # valid JSON, invalid Unicode
+    shard = text_shard(tmp_path / "s.tar", [("a", "alpha " * 5), ("b", lone), ("c", "gamma " * 5),
+                                            ("d", "delta " * 5)])
+    # Any other exception in one sample's processing (here the tokenizer's, on "delta") is a skip.
+    real = Tokenizer.encode
+
+    def encode(self, text):
+        if "delta" in text:
+            raise RuntimeError("tokenizer bug")
+        return real(self, text)
+
+    monkeypatch.setattr(Tokenizer, "encode", encode)
+    loader = build_loader(DataConfig(**SMALL, shards=shard, epochs=1))
+    text = texts_of(loader, tok)
+    assert "alpha" in text and "gamma" in text and "delta" not in text
+    assert loader.metrics() == {"skipped/invalid_text": 1, "skipped/sample_error": 1}
+
+
+@contextlib.contextmanager
+def deadline(seconds):
+    """Fail instead of hanging (the old loader looped forever on an all-bad source)."""
+    def fire(*_):
+        raise TimeoutError(f"no result in {seconds} s")
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_a_source_of_only_bad_samples_fails_naming_it(tmp_path):
+    good = text_shard(tmp_path / "good.tar", [(f"g{i}", f"fine text {i} " * 5) for i in range(4)])
+    bad = text_shard(tmp_path / "bad.tar", [(f"b{i}", {"json": b"{oops"}) for i in range(7)])
+    c = DataConfig(**{**SMALL, "shards": None}, max_consecutive_skips=20,
+                   sources={"web": SourceConfig(good, 1.0), "broken": SourceConfig(bad, 1.0)})
+    with deadline(60), pytest.raises(DataError, match=r"source 'broken' \(data.sources.broken.shards="
+                                                      r".*bad.tar'\): 20 samples in a row skipped "
+                                                      r"\(last: invalid_json"):
+        for _ in build_loader(c):
+            pass
+
+
+def test_adjacent_samples_with_the_same_key_are_both_read(tmp_path, tok):
+    shard = text_shard(tmp_path / "dup.tar", [("k", "first copy"), ("k", "second copy"),
+                                              ("m", "third doc")])
+    keys = [s["__key__"] for s in iter_tar_samples(shard)]
+    assert keys == ["k", "k", "m"]
+    text = texts_of(build_loader(DataConfig(**SMALL, shards=shard, epochs=1)), tok)
+    assert "first" in text and "second" in text and "third" in text
+
+
+def test_resized_images_are_not_counted_as_skipped(tmp_path):
+    buf = io.BytesIO()
+    Image.new("RGB", (256, 256), (200, 10, 10)).save(buf, format="PNG")
+    big = encode_sample("big", [{"image": buf.getvalue(), "ext": "png"}, {"text": "a red square"}])
+    shard = text_shard(tmp_path / "img.tar", [("big", big)])
+    loader = build_loader(DataConfig(**{**SMALL, "image_min_pixels": 1024}, image_max_pixels=64 * 64,
+                                     shards=shard, epochs=1))
+    next(loader)
+    assert loader.metrics() == {"resized/oversized_image": 1}

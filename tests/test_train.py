@@ -86,6 +86,21 @@ def test_signals_checkpoint_after_the_step_and_resume_is_exact(tmp_path):
         assert [r[key] for r in a] == [r[key] for r in b], key
 
 
+def test_finite_data_ends_the_run_cleanly_with_a_final_checkpoint(tmp_path, caplog):
+    """data.num_docs runs out long before train.max_steps: the run ends at the last full step,
+    commits a checkpoint there and says why (it raised a bare StopIteration)."""
+    run = tmp_path / "finite"
+    t = make_trainer(run, "data.num_docs=12", "train.max_steps=1000", "checkpoint.interval=0",
+                     "train.grad_accum=2")
+    with caplog.at_level("WARNING", logger="train"):
+        history = t.fit()
+    n = len(history)
+    assert 0 < n < 1000 and t.step == n
+    assert [p.name for p in ckpt.committed_checkpoints(run / "checkpoints")] == [ckpt.step_dir_name(n)]
+    assert (f"the data ran out before step {n + 1} of train.max_steps=1000 (data.epochs=None, "
+            f"data.num_docs=12): ending the run at step {n} with a final checkpoint") in caplog.text
+
+
 def test_checkpoints_are_committed_atomically_and_pruned(tmp_path):
     run = tmp_path / "run"
     make_trainer(run, "train.max_steps=4", "checkpoint.interval=1", "checkpoint.keep_last=2").fit()

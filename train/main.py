@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(run_dir, rank)
     if rank == 0:
         remove_stale_saves(checkpoint_dir(cfg))
+    from data.format import DataError
     from train.checkpoint import DiskFullError
     from train.preempt import Stopped
     from train.trainer import Trainer  # heavy imports only once the config is known to be good
@@ -179,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         Trainer(cfg, run_dir).fit()
     except DiskFullError as e:
         log.error("%s", e)
+        return 1
+    except DataError as e:
+        # From a DataLoader worker the message carries the worker's traceback: its last line.
+        log.error("%s", str(e).strip().splitlines()[-1].removeprefix("data.format.DataError: "))
         return 1
     except ConfigError as e:  # found once the checkpoint is read (e.g. another shard list)
         print(f"config error: {e}", file=sys.stderr)

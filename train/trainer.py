@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections import Counter
 import logging
 import math
 import random
@@ -22,6 +23,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from data import build_loader
@@ -44,6 +46,10 @@ from train.precision import autocast, autocast_dtype, resolve_device
 from train.report import caption_loss_gap, plot_loss_curves, write_caption_report
 
 log = logging.getLogger("train")
+
+
+class DataExhausted(Exception):
+    """Some data-parallel rank's loader has no batch left for the next step."""
 
 
 def seed_everything(seed: int) -> None:
@@ -159,11 +165,20 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         cfg = self.cfg.train
         t0 = time.perf_counter()
-        batches = [next(self.loader) for _ in range(cfg.grad_accum)]
+        batches, ran_out = [], 0
+        try:
+            for _ in range(cfg.grad_accum):
+                batches.append(next(self.loader))
+        except StopIteration:  # finite data (data.epochs, data.num_docs); a partial step is dropped
+            ran_out = 1
         data_wait = time.perf_counter() - t0
         local_tokens = sum(b["num_tokens"] for b in batches)
-        # Loss tokens of the global batch: every data-parallel rank weights by the same total.
-        total_tokens = max(self._sum_dp([local_tokens])[0], 1)
+        # Loss tokens of the global batch: every data-parallel rank weights by the same total. The
+        # same all-reduce tells every rank whether any ran out of data, so all stop together.
+        total_tokens, ran_out = self._sum_dp([local_tokens, ran_out])
+        if ran_out:
+            raise DataExhausted(self.step)
+        total_tokens = max(total_tokens, 1)
         self.optimizer.zero_grad(set_to_none=True)
         sums, modality = self.runner.step(batches, total_tokens)
 
@@ -209,7 +224,9 @@ class Trainer:
         record = {"step": self.step, **sums, "lr": lr, "grad_norm": grad_norm,
                   "tokens": sum(b["input_ids"].numel() for b in batches) * self.dp_size,
                   "loss_tokens": total_tokens, "skipped_steps": self.skipped_steps, **vision_metrics,
-                  "data_wait_s": data_wait, **self._data_metrics(batches)}
+                  "data_wait_s": data_wait}
+        if self._logged(self.step):  # the data counters of every rank: one gather, when logged
+            record.update(self._data_metrics(batches))
         record.update(self._expert_load_metrics(finite))
         return record
 
@@ -217,18 +234,32 @@ class Trainer:
         """Sum over the data-parallel ranks (tensor-parallel ranks hold the same values)."""
         return self.runner.sum_dp(values)
 
+    def _logged(self, step: int) -> bool:
+        return step % self.cfg.train.log_interval == 0 or step == self.cfg.train.max_steps
+
     def _data_metrics(self, batches: list[dict]) -> dict[str, Any]:
-        """Realised token share per mixture source this step, and the loader's skip counters."""
-        out: dict[str, Any] = {}
-        sources: dict[str, int] = {}
+        """Realised token share per mixture source this step, and the loaders' skip counters, over
+        every data-parallel rank (ranks of one dp rank read the same data: counted once)."""
+        sources: Counter = Counter()
         for b in batches:
-            for name, n in b.get("source_tokens", {}).items():
-                sources[name] = sources.get(name, 0) + n
+            sources.update(b.get("source_tokens", {}))
+        counters = Counter(self.loader.metrics() if hasattr(self.loader, "metrics") else {})
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # Counter names differ between ranks (a kind of bad sample only one rank met): gather
+            # the dicts rather than all-reduce a vector.
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (self.loader.dp_rank, dict(sources), dict(counters)))
+            per_dp = {}
+            for dp_rank, src, cnt in gathered:
+                per_dp.setdefault(dp_rank, (src, cnt))
+            sources, counters = Counter(), Counter()
+            for src, cnt in per_dp.values():
+                sources.update(src)
+                counters.update(cnt)
         total = sum(sources.values())
-        for name, n in sorted(sources.items()):
-            out[f"data_share/{name}"] = n / total if total else 0.0
-        if hasattr(self.loader, "metrics"):
-            out.update(self.loader.metrics())
+        out: dict[str, Any] = {f"data_share/{name}": n / total if total else 0.0
+                               for name, n in sorted(sources.items())}
+        out.update(sorted(counters.items()))
         return out
 
     def _expert_load_metrics(self, update_bias: bool) -> dict[str, Any]:
@@ -270,7 +301,14 @@ class Trainer:
                 if watchdog is not None:
                     watchdog.begin(f"step {self.step + 1}")
                 t0 = time.perf_counter()
-                record = self.train_step()
+                try:
+                    record = self.train_step()
+                except DataExhausted:
+                    d = cfg.data
+                    log.warning("the data ran out before step %d of train.max_steps=%d (data.epochs=%s, "
+                                "data.num_docs=%s): ending the run at step %d with a final checkpoint",
+                                self.step + 1, cfg.train.max_steps, d.epochs, d.num_docs, self.step)
+                    break
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 dt = time.perf_counter() - t0
@@ -295,7 +333,8 @@ class Trainer:
                     raise Stopped(signum, self.step, path)
             if watchdog is not None:
                 watchdog.begin("the final checkpoint save and report")
-            if cfg.checkpoint.save_final and last_saved != self.step:
+            if (cfg.checkpoint.save_final or self.step < cfg.train.max_steps) \
+                    and last_saved != self.step:
                 self.save()
             self.final_report()
         finally:
