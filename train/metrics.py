@@ -7,6 +7,8 @@ import json
 import logging
 import math
 import os
+import secrets
+import string
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -51,22 +53,37 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024
 class MetricsLogger:
     """Appends one JSON object per logged step to <run_dir>/metrics.jsonl and mirrors it to wandb.
 
-    `resume_step`: the step the run (re)starts from; records of later steps, logged by the attempt
+    `resume_step`: the step the run (re)starts from (`new_run`: train.resume=never); records of later steps, logged by the attempt
     that crashed or was killed before its next checkpoint, are dropped (`drop_records_after`), so
-    the steps run again are logged once and the file reads as an uninterrupted run's."""
+    the steps run again are logged once and the file reads as an uninterrupted run's.
+
+    wandb: every start of one run directory continues the same wandb run, whose id is kept in
+    <run_dir>/wandb_run_id (WANDB_RUN_ID, if set, wins). The steps an earlier attempt already sent
+    (those up to the last record of metrics.jsonl) are not sent again: a resume is exact, so their
+    values are the same, and wandb would otherwise get them twice (or drop them as out of order)."""
 
     def __init__(self, run_dir: Path, wandb_mode: str, project: str, run_name: Optional[str],
-                 config: dict[str, Any], enabled: bool = True, resume_step: Optional[int] = None):
+                 config: dict[str, Any], enabled: bool = True, resume_step: Optional[int] = None,
+                 new_run: bool = False):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.sent_up_to = 0  # the last step an earlier attempt logged to wandb
         if enabled and resume_step is not None:
+            if not new_run:
+                self.sent_up_to = last_logged_step(self.path)
             drop_records_after(self.path, resume_step)
+        if enabled and new_run:  # train.resume=never in a used run directory: a new wandb run
+            (Path(run_dir) / "wandb_run_id").unlink(missing_ok=True)
         self.wandb = None
         if enabled and wandb_mode != "disabled":
             import wandb  # imported only when used: it is slow to import
 
-            self.wandb = wandb.init(mode=wandb_mode, project=project, name=run_name,
+            run_id = wandb_run_id(Path(run_dir))
+            self.wandb = wandb.init(mode=wandb_mode, project=project, name=run_name, id=run_id,
                                     dir=str(run_dir), config=config, resume="allow")
+            if self.sent_up_to:
+                log.info("wandb run %s continues; steps up to %d were sent by an earlier attempt",
+                         run_id, self.sent_up_to)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -74,13 +91,42 @@ class MetricsLogger:
         clean = {k: _jsonable(v) for k, v in record.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
-        if self.wandb is not None:
+        if self.wandb is not None and clean["step"] > self.sent_up_to:
             self.wandb.log({k: v for k, v in clean.items() if isinstance(v, (int, float))},
                            step=clean["step"])
 
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The wandb run id of this run directory: WANDB_RUN_ID, else <run_dir>/wandb_run_id, created
+    (atomically) on the first start: 8 lowercase letters and digits, as wandb makes them."""
+    if os.environ.get("WANDB_RUN_ID"):
+        return os.environ["WANDB_RUN_ID"]
+    path = run_dir / "wandb_run_id"
+    if path.exists() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(run_id + "\n")
+    os.replace(tmp, path)
+    return run_id
+
+
+def last_logged_step(path: Path) -> int:
+    """The largest step of the complete records of a metrics.jsonl (0 when none)."""
+    last = 0
+    if Path(path).exists():
+        for line in Path(path).read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                last = max(last, record["step"])
+    return last
 
 
 def drop_records_after(path: Path, step: int) -> int:

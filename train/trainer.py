@@ -288,7 +288,8 @@ class Trainer:
         metrics = MetricsLogger(self.run_dir, cfg.logging.wandb, cfg.logging.project,
                                 cfg.logging.run_name,
                                 OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
-                                enabled=self.is_main, resume_step=self.step)
+                                enabled=self.is_main, resume_step=self.step,
+                                new_run=cfg.train.resume == "never")
         history = []
         last_saved = self.step
         # Under torchrun: every rank logs a step that runs past half the collective timeout, and
