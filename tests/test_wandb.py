@@ -3,61 +3,17 @@ the same wandb run (its id in <run_dir>/wandb_run_id) and each step reaches wand
 also the steps a resumed run computes again. The offline run files are read back as wandb wrote
 them (LevelDB-framed protobuf records)."""
 
-import struct
+import os
+import signal
+import subprocess
 import time
 
 import pytest
 
-from tests.test_train import make_trainer
+from tests.test_train import make_trainer, read_metrics
 
 wandb = pytest.importorskip("wandb")
-from wandb.proto import wandb_internal_pb2 as pb  # noqa: E402
-
-
-def wandb_records(path):
-    """The protobuf records of a .wandb file: a 7-byte header, then 32 KiB blocks of
-    (crc32 u32, length u16, type u8) framed chunks; type 1 whole, 2/3/4 first/middle/last."""
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    pos, block, buf = 7, 32768, b""
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if (length == 0 and kind == 0) or pos + 7 + length > len(data):
-            break  # the end, or a record still being written
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind in (1, 2):
-            buf = chunk
-        else:
-            buf += chunk
-        if kind in (1, 4):
-            record = pb.Record()
-            record.ParseFromString(buf)
-            yield record
-
-
-def wandb_runs(run_dir, timeout_s=60):
-    """[(run id, [steps logged])] of each start, in order. wandb's writer is a separate process
-    that may still be flushing after finish() returned: wait for each file's exit record."""
-    out = []
-    for f in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
-        deadline = time.monotonic() + timeout_s
-        while True:
-            ids, steps, ended = set(), [], False
-            for r in wandb_records(f):
-                kind = r.WhichOneof("record_type")
-                if kind == "run":
-                    ids.add(r.run.run_id)
-                elif kind == "history":
-                    steps.append(r.history.step.num)
-                ended |= kind == "exit"
-            if ended or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        out.append((ids.pop() if len(ids) == 1 else ids, steps))
-    return out
+from tests.wandb_files import wandb_runs  # noqa: E402
 
 
 def test_resumed_run_continues_the_same_wandb_run_without_repeating_steps(tmp_path, monkeypatch):
@@ -77,3 +33,43 @@ def test_resumed_run_continues_the_same_wandb_run_without_repeating_steps(tmp_pa
     make_trainer(run, *args, "train.max_steps=2", "train.resume=never").fit()
     new_id = (run / "wandb_run_id").read_text().strip()
     assert new_id != run_id and wandb_runs(run)[-1] == (new_id, [1, 2])
+
+
+def _stop_wandb_service():
+    """SIGTERM to wandb's service process, as Slurm signals every process of a job step."""
+    out = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "wandb"], capture_output=True,
+                         text=True).stdout.split()
+    assert out, "no wandb service process found"
+    for pid in out:
+        os.kill(int(pid), signal.SIGTERM)
+
+
+def test_wandb_failing_mid_run_neither_stops_training_nor_loses_steps(tmp_path, monkeypatch):
+    """The service stops before step 4 (a preemption's SIGTERM): the run trains on, metrics.jsonl
+    has every step, and the next start sends wandb every step its first attempt may have lost."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    run = tmp_path / "run"
+    args = ["logging.wandb=offline", "train.lr_decay_steps=8"]
+    t = make_trainer(run, *args, "train.max_steps=6", "checkpoint.interval=4",
+                     "checkpoint.save_final=false")
+    step = t.train_step
+
+    def step_after_stopping_wandb():
+        if t.step == 3:
+            _stop_wandb_service()
+            time.sleep(1)
+        return step()
+
+    t.train_step = step_after_stopping_wandb
+    t.fit()
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, 7))
+    make_trainer(run, *args, "train.max_steps=8", "checkpoint.interval=0").fit()
+    runs = wandb_runs(run, timeout_s=5)  # the stopped service wrote no exit record
+    run_id = (run / "wandb_run_id").read_text().strip()
+    assert runs[1][0] == run_id and runs[0][0] in (run_id, set())  # set(): nothing was flushed
+    # What the stopped service had not flushed is lost, and the first attempt confirmed nothing:
+    # the second sends every step, in order (a resumed wandb run keeps the first value of a step).
+    assert runs[1][1] == list(range(1, 9))
+    assert runs[0][1] == list(range(1, len(runs[0][1]) + 1))
