@@ -97,8 +97,9 @@ while [[ $1 != bash ]]; do
 done
 for ((n = 0; n < SLURM_NNODES; n++)); do SLURM_NODEID=$n "$@" || exit; done
 """
-# The cluster's resolver: node names resolve, others do not.
-FAKE_GETENT = '#!/usr/bin/env bash\n[[ $2 == node* || $2 == gpu* ]] && echo "10.0.0.1 $2" || exit 2\n'
+# The cluster's resolver: node names resolve, others do not; on node BAD_RESOLVER_NODE nothing.
+FAKE_GETENT = ('#!/usr/bin/env bash\n[[ -n ${BAD_RESOLVER_NODE:-} && ${SLURM_NODEID:-} == "$BAD_RESOLVER_NODE" ]] && exit 2\n'
+               '[[ $2 == node* || $2 == gpu* ]] && echo "10.0.0.1 $2" || exit 2\n')
 
 
 def _fake_bin(tmp_path):
@@ -134,6 +135,17 @@ def test_slurm_unresolvable_rendezvous_host_fails_at_once(tmp_path):
     assert bad.returncode == 2
     assert "the rendezvous host 'no-such-host.invalid' does not resolve" in bad.stderr
     assert not (tmp_path / "calls.jsonl").exists()  # torchrun never started
+
+
+def test_slurm_node_that_cannot_resolve_the_rendezvous_host_stops_the_job(tmp_path):
+    """Node 2's resolver differs: it says so and exits before torchrun, and srun (with
+    --kill-on-bad-exit=1) ends the job instead of the others waiting in the rendezvous."""
+    env = {**SLURM_ENV, **_fake_bin(tmp_path), "RUN_DIR": str(tmp_path / "run"),
+           "BAD_RESOLVER_NODE": "2"}
+    bad = launch("slurm.sbatch", *OVERRIDES, env=env, check=False)
+    assert bad.returncode == 2
+    assert "node 2 (" in bad.stderr and "cannot resolve the rendezvous host node01" in bad.stderr
+    assert len(_calls(tmp_path)) == 2  # nodes 0 and 1 started; the fake srun stops at node 2
 
 
 def test_slurm_cpu_allocation_needs_no_gpu_options(tmp_path):

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections import Counter
 import logging
 import math
 import random
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
