@@ -41,6 +41,12 @@ class DataConfig:
     shuffle_shards: bool = True  # a new shard order every epoch
     shuffle_buffer: int = 256  # samples per shuffle block; <= 1 keeps the shard order
     epochs: Optional[int] = None  # passes over every source; None = endless
+    # Resume although the shard list differs from the checkpoint's (same count): the streams
+    # continue at the same positions of the new list. Off: such a resume is refused.
+    allow_changed_shards: bool = False
+    # Samples of one source skipped in a row (bad JSON, undecodable media...) that stop the run
+    # with a message naming the source; 0 = never stop.
+    max_consecutive_skips: int = 1000
     # Cap on merged visual tokens per packed row; None = seq_len // 2.
     max_visual_tokens: Optional[int] = None
     patch_size: int = 16  # must match model.vision
@@ -75,6 +81,11 @@ def validate_data_config(cfg: DataConfig) -> None:
     if cfg.start_doc < 0:
         raise ValueError(f"data.start_doc={cfg.start_doc} must be >= 0")
     if cfg.name != "webdataset":
+        # Shards given to another source would be ignored: the run would train on something else.
+        if cfg.shards or cfg.sources:
+            given = f"data.shards={cfg.shards!r}" if cfg.shards else f"data.sources={list(cfg.sources)}"
+            raise ValueError(f"{given}: shards are read only with data=webdataset "
+                             f"(data.name={cfg.name!r} would ignore them); add data=webdataset")
         return
     if bool(cfg.shards) == bool(cfg.sources):
         raise ValueError(f"data.shards={cfg.shards!r} and data.sources={dict(cfg.sources)!r}: "
@@ -84,7 +95,7 @@ def validate_data_config(cfg: DataConfig) -> None:
             raise ValueError(f"data.sources.{name}.shards={src.shards!r}: must name shards")
         if not src.weight > 0:
             raise ValueError(f"data.sources.{name}.weight={src.weight!r}: must be > 0")
-    for fld in ("num_workers",):
+    for fld in ("num_workers", "max_consecutive_skips"):
         if getattr(cfg, fld) < 0:
             raise ValueError(f"data.{fld}={getattr(cfg, fld)} must be >= 0")
     for fld in ("prefetch_factor", "patch_size", "temporal_patch_size", "merge_size",

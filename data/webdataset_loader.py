@@ -26,6 +26,7 @@ packing). A changed data.num_workers at the same data-parallel size is refused w
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -36,7 +37,7 @@ import torch
 
 from data.config import DataConfig, source_specs, validate_data_config
 from data.documents import Document, DocumentBuilder
-from data.format import BadSample
+from data.format import BadSample, DataError
 from data.mm_packing import MMRow, MultimodalPacker, collate_rows
 from data.shards import ShardStream, expand_shards, legacy_units
 from data.tokenizer import load_tokenizer
@@ -44,6 +45,7 @@ from model.vision_tokens import VisionTokenIds
 
 log = logging.getLogger("data")
 STATE_VERSION = 1
+KEPT = ("oversized_image",)  # counted with the skips, but the sample is kept (resized down)
 LOG_FIRST = 10  # per kind and slot, then every LOG_EVERY-th
 LOG_EVERY = 1000
 
@@ -58,6 +60,7 @@ class SlotPipeline:
         self.tokenizer = tokenizer
         self.ids = VisionTokenIds.from_tokenizer(tokenizer)
         self.skipped: Counter = Counter()
+        self.bad_run: Counter = Counter()  # samples skipped in a row, per source
         self._quiet = False
         self.builder = DocumentBuilder(cfg, tokenizer, count=lambda kind: self._skip(kind, ""))
         self.sources = sources
@@ -116,13 +119,30 @@ class SlotPipeline:
             if raw is None:
                 self.done.add(name)
                 continue
+            where = f"{raw.get('__url__')} sample {raw.get('__key__')!r}"
             try:
                 doc = self.builder.build(raw, name)
             except BadSample as e:
-                self._skip(e.kind, f"{raw.get('__url__')} sample {raw.get('__key__')!r}: {e}")
+                self._skip_sample(name, e.kind, f"{where}: {e}")
                 continue
+            except Exception as e:  # noqa: BLE001 - no sample may stop the run; each is counted
+                self._skip_sample(name, "sample_error", f"{where}: {type(e).__name__}: {e}")
+                continue
+            self.bad_run[name] = 0
             doc.ref = ref
             return doc
+
+    def _skip_sample(self, source: str, kind: str, message: str) -> None:
+        """Count a skipped sample; a source whose samples keep failing stops the run (an endless
+        source would otherwise loop through its bad samples forever without a batch)."""
+        self._skip(kind, message)
+        self.bad_run[source] += 1
+        limit = self.cfg.max_consecutive_skips
+        if limit and self.bad_run[source] >= limit:
+            field = f"data.sources.{source}.shards" if self.cfg.sources else "data.shards"
+            raise DataError(f"source {source!r} ({field}={source_specs(self.cfg)[source][0]!r}): "
+                            f"{self.bad_run[source]} samples in a row skipped (last: {kind}: "
+                            f"{message}); check the data, or raise data.max_consecutive_skips")
 
     def _doc_at(self, name: str, ref: dict, offset: int) -> Document:
         """The piece from ``offset`` of the document whose raw sample is at ``ref`` (resume); a
@@ -271,18 +291,19 @@ class WebDatasetLoader:
         return batch
 
     def metrics(self) -> dict[str, int]:
-        """Skipped (or, for ``oversized_image``, resized) samples so far, by kind, over the workers
-        of this rank, as of the batches consumed: ``{"skipped/<kind>": n}``."""
+        """Skipped samples so far, by kind, over the workers of this rank, as of the batches
+        consumed: ``{"skipped/<kind>": n}``; images kept but resized down: ``resized/<kind>``."""
         total: Counter = Counter()
         for s in self.states:
             if s is not None:
                 total.update(s["skipped"])
-        return {f"skipped/{k}": v for k, v in sorted(total.items())}
+        return {f"{'resized' if k in KEPT else 'skipped'}/{k}": v for k, v in sorted(total.items())}
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "kind": "webdataset", "seed": self.cfg.seed,
                 "dp_rank": self.dp_rank, "dp_world": self.dp_world, "workers": self.workers,
                 "shards": {n: len(u) for n, (u, _) in self.sources.items()},
+                "shard_lists": shard_fingerprints(self.sources),
                 "batches": self.batches, "next_worker": self.next_worker,
                 "states": list(self.states)}
 
@@ -304,6 +325,7 @@ class WebDatasetLoader:
         if sd.get("kind") != "webdataset" or int(sd["version"]) != STATE_VERSION:
             raise ValueError(f"data loader state of kind {sd.get('kind')!r} version "
                              f"{sd.get('version')} is not a webdataset loader state v{STATE_VERSION}")
+        self._check_shard_lists(sd.get("shard_lists"))
         here = {"seed": self.cfg.seed, "dp_rank": self.dp_rank, "dp_world": self.dp_world,
                 "workers": self.workers,
                 "shards": {n: len(u) for n, (u, _) in self.sources.items()}}
@@ -319,6 +341,22 @@ class WebDatasetLoader:
                     f"data loader state has {key}={sd[key]} but this loader has {key}={here[key]}; "
                     f"exact resume needs the same data.seed, shards, data-parallel size and "
                     f"data.num_workers{hint}")
+
+    def _check_shard_lists(self, saved: Optional[dict[str, str]]) -> None:
+        """The stream positions index the shard list: other files, or the same in another order,
+        would silently resume elsewhere. (States written before this check have no fingerprint.)"""
+        if saved is None or self.cfg.allow_changed_shards:
+            return
+        here = shard_fingerprints(self.sources)
+        for name in sorted(set(saved) & set(here)):
+            if saved[name] != here[name]:
+                field = f"data.sources.{name}.shards" if self.cfg.sources else "data.shards"
+                raise ValueError(
+                    f"{field}: the shard list differs from the one the checkpoint was written with "
+                    f"(other files or another order; {len(self.sources[name][0])} shards now): "
+                    f"resuming would not continue where the run stopped; resume with the same "
+                    f"shards, or set data.allow_changed_shards=true to continue at the same "
+                    f"positions of the new list")
 
     def _remapped(self, old: list[dict[str, Any]]) -> dict[str, Any]:
         """This rank's state in this layout from every rank's state of another: the old slots'
@@ -363,6 +401,12 @@ class WebDatasetLoader:
 
     def close(self) -> None:
         self._it = None  # a DataLoader iterator shuts its workers down when collected
+
+
+def shard_fingerprints(sources: dict[str, tuple[list[str], float]]) -> dict[str, str]:
+    """name -> a digest of its ordered shard list (a checkpoint keeps this, not the list)."""
+    return {name: hashlib.sha256("\n".join(urls).encode()).hexdigest()[:16]
+            for name, (urls, _) in sources.items()}
 
 
 def resolve_sources(cfg: DataConfig) -> dict[str, tuple[list[str], float]]:
