@@ -76,7 +76,8 @@ class Qwen35LM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.mtp = nn.ModuleList(MTPBlock(cfg) for _ in range(cfg.mtp_num_layers))
         self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.resolved_mrope_section())
-        self.visual = VisionEncoder(cfg.vision, cfg.hidden_size) if cfg.vision is not None else None
+        self.visual = (VisionEncoder(cfg.vision, cfg.hidden_size, cfg.attn_backend)
+                       if cfg.vision is not None else None)
         self.token_ce = TokenCrossEntropy()
         self.num_moe_layers = sum(isinstance(m, TopKRouter) for m in self.modules())
         if cfg.tie_word_embeddings:
