@@ -38,8 +38,11 @@ GROUP_AXES = {
     "fsdp": ("dp_shard_mod_ep", "dp_shard_in_ep", "cp"),      # the shard dim (HSDP adds dp_replicate)
     "ep": ("dp_shard_in_ep", "cp"),
     "expert_fsdp": ("dp_shard_mod_ep",),                       # the shard dim (HSDP adds dp_replicate)
-    "loss": ("dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep", "cp"),
-    "vision": ("cp", "tp"),
+    # cp ranks hold whole micro-batch losses (model/context_parallel.py), as tp ranks do.
+    "loss": ("dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep"),
+    # Every cp rank encodes its micro-batch's images (before the sequence is split), its share
+    # of them over the tp group.
+    "vision": ("tp",),
 }
 
 
@@ -138,7 +141,6 @@ def validate_layout(parallel: ParallelConfig, model: ModelConfig, world_size: in
     _check_knobs(p)
     if p.pp > 1:
         _check_pipeline(p, model, grad_accum)
-    need(p.cp == 1, f"parallel.cp={p.cp}: not yet supported (context parallelism); use parallel.cp=1")
     # Rules of the model alone first: they hold whatever the world size.
     if p.tp > 1:
         for fld, why in _tp_split_fields(model):
@@ -152,6 +154,16 @@ def validate_layout(parallel: ParallelConfig, model: ModelConfig, world_size: in
             need(seq_len % p.tp == 0,
                  f"parallel.tp={p.tp}: must divide data.seq_len={seq_len} (sequence parallelism "
                  f"splits every row's tokens across tensor-parallel ranks)")
+
+    if p.cp > 1 and seq_len is not None:
+        need(seq_len % (p.cp * p.tp) == 0,
+             f"parallel.cp={p.cp}: parallel.cp*tp = {p.cp}*{p.tp} must divide data.seq_len={seq_len} "
+             f"(context parallelism gives each rank an equal slice of every micro-batch's tokens, "
+             f"which sequence parallelism splits again over tp)")
+        halo = model.linear_conv_kernel_dim - 1
+        need(seq_len // p.cp >= halo,
+             f"parallel.cp={p.cp}: data.seq_len/cp = {seq_len // p.cp} must be >= "
+             f"model.linear_conv_kernel_dim-1 = {halo} (the convolution's halo comes from one rank)")
 
     if p.ep > 1:
         moe = any(model.layer_is_moe(i) for i in range(model.num_layers))
