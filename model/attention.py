@@ -46,7 +46,7 @@ class GatedAttention(nn.Module):
         q, k, v = (x.reshape(b * t, x.shape[2], self.head_dim) for x in (q, k, v))
         q_start, cu_seqlens = 0, ctx.cu_seqlens
         if ctx.cp is not None:  # context parallel: this rank's queries against every rank's keys
-            k, v = ctx.cp.all_gather(k), ctx.cp.all_gather(v)
+            k, v = ctx.cp.all_gather(torch.stack([k, v], dim=1)).unbind(1)  # one collective
             q_start, cu_seqlens = ctx.cp.start, ctx.cp.cu_seqlens
         out = packed_attention(q, k, v, cu_seqlens, causal=True, q_start=q_start,
                                backend=self.attn_backend).view(b, t, self.num_heads, self.head_dim)

@@ -177,12 +177,15 @@ def moe_loss_shares(probs: torch.Tensor, counts: torch.Tensor, lse: torch.Tensor
     return aux, lse.square().sum() / cp.total
 
 
-def report(cp: CPSlice, share: torch.Tensor) -> torch.Tensor:
-    """The group's sum as value, this rank's share as gradient."""
-    total = cp.all_reduce(share.detach().clone())
-    return share + (total - share.detach())
-
-
-def pad_right(x: torch.Tensor, n: int) -> torch.Tensor:
-    """x [1, L, D] -> [1, L + n, D] with zeros."""
-    return F.pad(x, (0, 0, 0, n))
+def report(cp: CPSlice, shares: dict) -> dict:
+    """{name: scalar share} -> {name: the group's sum as value, this rank's share as gradient},
+    in one all-reduce."""
+    names = [n for n, v in shares.items() if v is not None]
+    if not names:
+        return shares
+    local = torch.stack([shares[n].detach() for n in names])
+    total = cp.all_reduce(local)
+    out = dict(shares)
+    for i, n in enumerate(names):
+        out[n] = shares[n] + (total[i] - local[i])
+    return out

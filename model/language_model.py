@@ -390,9 +390,9 @@ def head_loss(m: nn.Module, h: torch.Tensor, input_ids: torch.Tensor, labels: to
             loss = loss + cfg.router_z_loss_coef * out.moe_z
     out.loss = loss
     if cp is not None:
-        for name in ("loss", "ce", "mtp_ce", "moe_aux", "moe_z", "ce_after_vision", "ce_text"):
-            if getattr(out, name) is not None:
-                setattr(out, name, report(cp, getattr(out, name)))
+        names = ("loss", "ce", "mtp_ce", "moe_aux", "moe_z", "ce_after_vision", "ce_text")
+        for name, value in report(cp, {n: getattr(out, n) for n in names}).items():
+            setattr(out, name, value)
     return out
 
 
