@@ -351,7 +351,9 @@ def layout_table(layout: Layout, model: ModelConfig, vision_plan: str = "balance
 
     rows = [
         ("tp", tp, "tp", tp_what),
-        ("cp", L.cp, "cp", "- (context parallel not yet)" if L.cp == 1 else "sequence split"),
+        ("cp", L.cp, "cp", "- (whole sequences)" if L.cp == 1 else
+         "each micro-batch's tokens in cp contiguous slices: attention all-gathers K/V, Gated "
+         "DeltaNet passes its state (one summary per layer), the loss sums the slices' shares"),
         ("dp_shard", L.dp_shard, "dp_shard",
          "FSDP shards parameters, gradients, optimizer state; each rank its own data"),
         ("dp_replicate", L.dp_replicate, "dp_replicate",
@@ -364,7 +366,9 @@ def layout_table(layout: Layout, model: ModelConfig, vision_plan: str = "balance
         ("expert fsdp", L.dp_shard_mod_ep, "expert_fsdp",
          "-" if not moe else f"expert parameters sharded over dp_shard x cp / ep{rep}" if ep > 1
          else "- (ep 1: experts sharded over fsdp with the rest)"),
-        ("vision", tp * L.cp, "vision", vis_what),
+        ("vision", tp, "vision", vis_what + ("; every cp rank encodes its micro-batch's images and "
+                                             "keeps its slice's visual tokens" if L.cp > 1 and
+                                             m.vision is not None else "")),
     ]
     head = (f"parallel layout: world {L.world} = pp {L.pp} x dp_replicate {L.dp_replicate} x dp_shard "
             f"{L.dp_shard} x cp {L.cp} x tp {tp}, ep {ep} (rank order: tp fastest, then cp, dp_shard, "
