@@ -75,6 +75,8 @@ EXTRA_LAYOUTS = [
     ("HSDP dp_replicate=2 x dp_shard=2", 4, {"dp_replicate": 2, "dp_shard": 2}, "balanced"),
     ("dp_shard=2 x tp=2, selective AC", 4,
      {"dp_shard": 2, "tp": 2, "activation_checkpoint": "selective"}, "balanced"),
+    ("cp=2", 2, {"cp": 2}, "balanced"),
+    ("cp=2 x tp=2", 4, {"cp": 2, "tp": 2}, "balanced"),
 ]
 
 
