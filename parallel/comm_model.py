@@ -357,12 +357,14 @@ def vision_collectives(cfg: ModelConfig, params: list[Param], L: Layout, g: Grou
 def cp_collectives(cfg: ModelConfig, L: Layout, g: Groups, spec: StepSpec) -> list[Collective]:
     if L.cp == 1:
         return []
+    from parallel.spec import cp_modules
+
     n, act = spec.local_tokens(L.cp), spec.param_bytes
     summary = max(act, 4)                       # fp32 at least: GDN summaries, MoE counts, losses
-    types = cfg.resolved_layer_types()
-    layers = range(cfg.num_layers)
-    attn = [i for i in layers if types[i] == FULL_ATTENTION]
-    gdn = [i for i in layers if types[i] != FULL_ATTENTION]
+    roles = cp_modules(meta_model(cfg))         # which modules exchange what, by parallel/spec.py
+
+    def layer_of(name: str) -> Optional[int]:   # decoder layer index (MTP blocks: None)
+        return int(name.split(".")[1]) if name.startswith("layers.") else None
     kv_heads = max(cfg.num_key_value_heads // L.tp, 1)
     kv = L.cp * n * 2 * kv_heads * cfg.head_dim * act
     channels = (2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim
@@ -372,19 +374,24 @@ def cp_collectives(cfg: ModelConfig, L: Layout, g: Groups, spec: StepSpec) -> li
     state = L.cp * (cfg.linear_num_value_heads // L.tp) * kd * (vd + kd) * summary
     out = []
 
-    def gathers(payload: int, layer_ids: list[int], extra: int = 0) -> None:
-        calls = len(layer_ids) + extra
-        again = sum(spec.recomputed(i) for i in layer_ids)
-        if calls:
-            out.append(g.coll("cp", "all_gather", "cp", payload, calls + again))
-            out.append(g.coll("cp", "all_reduce", "cp", payload, calls))   # their backward
+    def calls(role: str) -> tuple[int, int]:
+        """(forward calls, recomputed ones) of the modules with cp role `role`."""
+        names = roles[role]
+        again = sum(layer_of(m) is not None and spec.recomputed(layer_of(m)) for m in names)
+        return len(names), again
 
-    gathers(kv, attn, cfg.mtp_num_layers)
-    gathers(halo, gdn)
-    gathers(state, gdn)
-    if cfg.mlp_type == "moe":
-        again = sum(cfg.layer_is_moe(i) and spec.recomputed(i) for i in layers)
-        out.append(g.coll("cp", "all_reduce", "cp", cfg.num_experts * summary, moe_calls(cfg) + again))
+    def gathers(payload: int, role: str) -> None:
+        fwd, again = calls(role)
+        if fwd:
+            out.append(g.coll("cp", "all_gather", "cp", payload, fwd + again))
+            out.append(g.coll("cp", "all_reduce", "cp", payload, fwd))   # their backward
+
+    gathers(kv, "kv_gather")
+    gathers(halo, "state_passing")
+    gathers(state, "state_passing")
+    fwd, again = calls("loss_shares")
+    if fwd:
+        out.append(g.coll("cp", "all_reduce", "cp", cfg.num_experts * summary, fwd + again))
     counts = 1 + cfg.mtp_num_layers + (2 if cfg.vision is not None else 0)
     values = 2 + (cfg.mtp_num_layers > 0) + 2 * (cfg.mlp_type == "moe") + 2 * (cfg.vision is not None)
     out.append(g.coll("cp", "all_reduce", "cp", counts * 8))              # the loss counts
