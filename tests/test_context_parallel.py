@@ -124,10 +124,10 @@ def check_cp_layout(rank: int, world: int, sizes: dict, model_name: str) -> None
     (4, {"cp": 4}, "tiny"),
     (2, {"cp": 2}, "tiny_vl"),
     (4, {"cp": 4}, "tiny_vl"),
-    (4, {"cp": 2, "tp": 2}, "tiny"),
+    (4, {"cp": 2, "tp": 2}, "tiny_vl"),     # + the balanced vision plan over tp
     (2, {"cp": 2, "ep": 2}, "tiny"),
     (4, {"cp": 2, "pp": 2, "pp_schedule": "gpipe"}, "tiny"),
-], ids=["cp2", "cp4", "cp2-vision", "cp4-vision", "cp2xtp2", "cp2xep2", "cp2xpp2"])
+], ids=["cp2", "cp4", "cp2-vision", "cp4-vision", "cp2xtp2-vision", "cp2xep2", "cp2xpp2"])
 def test_cp_matches_one_process(world, sizes, model_name):
     run_ranks(world, check_cp_layout, sizes, model_name, timeout_s=300)
 
