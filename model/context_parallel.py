@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from model.context import segment_layout
 

@@ -17,7 +17,7 @@ from model.context_parallel import CPSlice, gated_delta_cp, local_cu_seqlens, sl
 from model.ops.gated_delta import chunk_gated_delta_rule
 from parallel.config import ParallelConfig
 from parallel.context_parallel import GroupComm
-from parallel.grads import clip_grad_norm_, match_grad_placements
+from parallel.grads import clip_grad_norm_
 from parallel.materialize import materialize
 from parallel.mesh import build_meshes, validate_layout
 from parallel.plan import parallelize
@@ -139,7 +139,8 @@ def check_state_passing(rank: int, world: int) -> None:
 
     g = torch.Generator().manual_seed(0)
     n, hk, h, kd, vd = 192, 1, 2, 8, 8
-    cu = torch.tensor([0, 5, 70, 71, 192 - 2, 192])  # 65 tokens across boundaries, 119 across all
+    # 65 tokens across the first cp=4 boundary, 119 across the cp=2 one (three cp=4 slices)
+    cu = torch.tensor([0, 5, 70, 71, 192 - 2, 192])
     q, k = (torch.randn(1, n, hk, kd, generator=g, dtype=torch.float64) for _ in range(2))
     v = torch.randn(1, n, h, vd, generator=g, dtype=torch.float64)
     gate = -torch.rand(1, n, h, generator=g, dtype=torch.float64)
@@ -158,8 +159,8 @@ def check_state_passing(rank: int, world: int) -> None:
     o = gated_delta_cp(chunk_gated_delta_rule, *local, local_cu_seqlens(cu, start, end), continues, cp)
     torch.testing.assert_close(o, ref[:, start:end].detach(), rtol=1e-10, atol=1e-12)
     grads = torch.autograd.grad((o * w[:, start:end]).sum(), local)
-    for mine, full in zip(grads, ref_grads):
-        torch.testing.assert_close(mine, full[:, start:end], rtol=1e-9, atol=1e-11)
+    for mine, whole in zip(grads, ref_grads):
+        torch.testing.assert_close(mine, whole[:, start:end], rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize("world", [2, 4])
