@@ -199,6 +199,10 @@ def validate_layout(parallel: ParallelConfig, model: ModelConfig, world_size: in
              f"parallel.pp_schedule={p.pp_schedule!r}: zero-bubble schedules do not compose with "
              f"FSDP or tensor parallelism (data-parallel size {layout.dp}{resolved}, parallel.tp="
              f"{p.tp}); use 1f1b or interleaved_1f1b there")
+        need(p.cp == 1,
+             f"parallel.pp_schedule={p.pp_schedule!r}: zero-bubble schedules do not compose with "
+             f"context parallelism (parallel.cp={p.cp}: FSDP shards the parameters over the cp "
+             f"ranks); use 1f1b or interleaved_1f1b there")
 
     if p.ep > 1:
         need(layout.dp_shard_cp % p.ep == 0,
