@@ -15,6 +15,7 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.context import SequenceContext, in_backward
+from model.context_parallel import moe_loss_shares
 from model.mlp import SwiGLU
 
 
@@ -156,8 +157,13 @@ class SparseMoE(nn.Module):
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         # Computed in a recompute too (it must save what the forward saved); the context adds them
         # once per forward (SequenceContext.add_aux_loss).
-        ctx.add_aux_loss("moe_aux", switch_load_balancing_loss(probs, counts, self.top_k))
-        ctx.add_aux_loss("moe_z", logits.logsumexp(dim=-1).square().mean())
+        lse = logits.logsumexp(dim=-1)
+        if ctx.cp is None:
+            aux, z = switch_load_balancing_loss(probs, counts, self.top_k), lse.square().mean()
+        else:  # this rank's shares of the whole micro-batch's losses
+            aux, z = moe_loss_shares(probs, counts, lse, self.top_k, ctx.cp)
+        ctx.add_aux_loss("moe_aux", aux)
+        ctx.add_aux_loss("moe_z", z)
         return out.view(shape)
 
 

@@ -20,7 +20,7 @@ parameter padded to ceil(dim0 / n) rows as FSDP2 does):
                  transient (parallel/memory_activations.py gives each module's saved bytes):
                  decoder layers (a checkpointed layer keeps only its input [N/tp, D]; the
                  recompute of the largest checkpointed layer comes back in its backward), the
-                 attention mask [B, 1, T, T], the final norm + LM head + fp32 CE (log-softmax
+                 gathered K/V under cp, the final norm + LM head + fp32 CE (log-softmax
                  [N, V/tp] saved; the transient is its gradient and the logits' gradient), MTP
                  depths, the ViT. In-flight: 1 without pipelining; 1F1B min(m, pp - r) on pp rank
                  r; gpipe m; interleaved schedules their warm-up depth in stage chunks.
@@ -211,7 +211,8 @@ def estimate_memory(cfg: ModelConfig, L: Layout, spec: MemorySpec, rank: int = 0
         buffers = full * spec.act_bytes if spec.act_bytes < spec.master_bytes else 0
 
     # ---- activations of one micro-batch on this rank's stages
-    s = ActShape(tokens=spec.micro_batch * spec.seq_len, seq_len=spec.seq_len, tp=L.tp,
+    # Under context parallelism the layers see this rank's slice of the micro-batch.
+    s = ActShape(tokens=spec.micro_batch * spec.seq_len // L.cp, seq_len=spec.seq_len, tp=L.tp,
                  sp=spec.sequence_parallel and L.tp > 1, a=spec.act_bytes,
                  gdn_kernel=spec.gdn_kernel, attention_kernel=spec.attention_kernel,
                  gdn_pad=spec.gdn_pad)
@@ -219,8 +220,10 @@ def estimate_memory(cfg: ModelConfig, L: Layout, spec: MemorySpec, rank: int = 0
     kept = {i: layer_input_bytes(cfg, s) if spec.checkpointed(i) else per_layer[i] for i in layers}
     types = cfg.resolved_layer_types()
     other = 2 * s.tokens * cfg.rotary_dim * 4                 # cos, sin
-    if any(types[i] == "full_attention" for i in layers) or (last and cfg.mtp_num_layers):
-        other += s.tokens * s.seq_len                         # the [B, 1, T, T] bool mask
+    if L.cp > 1:  # each attention layer saves the all-gathered K and V of the whole micro-batch
+        attn = sum(types[i] == "full_attention" for i in layers) + (cfg.mtp_num_layers if last else 0)
+        kv_heads = max(1, cfg.num_key_value_heads // L.tp)
+        other += attn * s.tokens * L.cp * 2 * kv_heads * cfg.head_dim * s.a
     if first:
         other += vision_bytes(cfg, spec.image_patches, spec.act_bytes)
     head_saved = head_transient = 0

@@ -290,6 +290,10 @@ class PipelineRunner(StepRunner):
                 load[self._router_rows[id(r)]] += r.tokens_per_expert
                 r.tokens_per_expert.zero_()
         dist.all_reduce(load, group=self.group)
+        if self.meshes.cp is not None:  # the slices' counts: the whole micro-batches'
+            from parallel.context_parallel import sum_over_cp
+
+            load = sum_over_cp(load, self.meshes.cp)
         return load.cpu()
 
     @torch.no_grad()

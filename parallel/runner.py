@@ -69,8 +69,14 @@ class StepRunner:
         return global_grad_norm(params)
 
     def collect_expert_load(self) -> Optional[torch.Tensor]:
-        """[num_moe_layers, E] token counts of this rank's batches since the last call."""
-        return collect_expert_load(self.model)
+        """[num_moe_layers, E] token counts of this rank's micro-batches since the last call
+        (under CP, of the whole micro-batches: the slices' counts summed over the cp group)."""
+        load = collect_expert_load(self.model)
+        if load is None or self.meshes is None or self.meshes.cp is None:
+            return load
+        from parallel.context_parallel import sum_over_cp
+
+        return sum_over_cp(load, self.meshes.cp)
 
     def update_router_bias(self, load: torch.Tensor, rate: float) -> None:
         update_router_bias(self.model, load, rate)
