@@ -138,6 +138,79 @@ def check_kernels(device, tiny: bool) -> list[dict]:
     return rows + guarded("kernel", "gated delta: fla", fla_row)
 
 
+# ---- 2. attention backends -----------------------------------------------------------------------
+
+def attention_inputs(device, t: int, heads: int, kv_heads: int, dim: int, seed: int = 0):
+    """Packed documents of mixed lengths over t tokens: q [t, H, d], k, v [t, Hkv, d], cu_seqlens."""
+    g = torch.Generator().manual_seed(seed)
+    cuts = sorted({int(x) for x in torch.randint(1, t, (max(1, t // 2048),), generator=g)})
+    cu = torch.tensor([0, *cuts, t], device=device)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    q, k, v = (torch.randn(t, h, dim, generator=g).to(device, dtype).requires_grad_()
+               for h in (heads, kv_heads, kv_heads))
+    return q, k, v, cu
+
+
+def masked_sdpa(q, k, v, cu) -> torch.Tensor:
+    """The reference: one SDPA call over all tokens with a dense [T, T] document-causal mask."""
+    t = q.shape[0]
+    doc = torch.searchsorted(cu[1:], torch.arange(t, device=q.device), right=True)
+    mask = (doc[:, None] == doc[None, :]) & torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+
+    def heads_first(x):  # [T, h, d] -> [1, H, T, d], the KV heads repeated for GQA
+        return x.repeat_interleave(q.shape[1] // x.shape[1], 1).transpose(0, 1)[None]
+
+    out = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), attn_mask=mask)
+    return out[0].transpose(0, 1)
+
+
+def check_attention(device, tiny: bool, deadline: float = math.inf) -> list[dict]:
+    """Each backend of model.attn_backend against masked SDPA on packed documents: the forward's
+    and dq's max abs error, fwd+bwd ms of both (35B-A3B shapes: 16 q / 2 kv heads of 256)."""
+    from model.attention_backend import packed_attention
+
+    shapes = [(256, 4, 2, 32)] if tiny else [(4096, 16, 2, 256), (32768, 16, 2, 256)]
+    rows = []
+    for t, h, hkv, d in shapes:
+        q, k, v, cu = attention_inputs(device, t, h, hkv, d)
+        grad = torch.randn_like(q)
+
+        def fwd_bwd(fn):
+            for x in (q, k, v):
+                x.grad = None
+            out = fn(q, k, v, cu)
+            out.backward(grad)
+            return out.detach().float(), q.grad.detach().float()
+
+        ref_out, ref_dq = fwd_bwd(masked_sdpa)
+        t_ref = timed(lambda: fwd_bwd(masked_sdpa), device, 3)
+        shape = f"T={t} docs={len(cu) - 1} H={h}/{hkv} d={d}"
+        rows.append(row("attention", f"masked SDPA T={t}", "ok", fwd_bwd_ms=1e3 * t_ref, shape=shape))
+        for backend in ("sdpa", "flex", "varlen"):
+            name = f"{backend} T={t}"
+            if backend != "sdpa" and device.type != "cuda":
+                rows.append(row("attention", name, "skipped: needs CUDA"))
+                continue
+            why = out_of_time(deadline, 30)
+            if why:
+                rows.append(row("attention", name, why))
+                continue
+
+            def one(b=backend, nm=name) -> list[dict]:
+                fn = lambda q, k, v, cu: packed_attention(q, k, v, cu, backend=b)  # noqa: E731
+                out, dq = fwd_bwd(fn)  # the first call compiles (flex)
+                ms = 1e3 * timed(lambda: fwd_bwd(fn), device, 3)
+                return [row("attention", nm, "ok", fwd_bwd_ms=ms, speedup_vs_masked=t_ref * 1e3 / ms,
+                            max_abs_err=float((out - ref_out).abs().max()),
+                            dq_max_abs_err=float((dq - ref_dq).abs().max()), shape=shape)]
+
+            rows += guarded("attention", name, one)
+        del q, k, v, grad, ref_out, ref_dq
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
 # ---- 3. the MoE block ------------------------------------------------------------------------------
 
 def check_moe(device, tiny: bool) -> list[dict]:
@@ -335,7 +408,8 @@ def check_smoke(device, steps: int, timeout_s: float, deadline: float = math.inf
 
 COLUMNS = ("part", "name", "status", "batch", "steps", "step_ms", "fwd_bwd_ms", "ms_per_step", "share",
            "tokens_per_s", "model_tflops", "tflops", "vs_megatron", "mfu", "loss_first", "loss_last5",
-           "loss_last", "speedup_vs_bf16", "loss_last5_vs_bf16", "speedup_vs_torch", "max_abs_err",
+           "loss_last", "speedup_vs_bf16", "loss_last5_vs_bf16", "speedup_vs_torch", "speedup_vs_masked",
+           "max_abs_err", "dq_max_abs_err",
            "out_max_rel_err", "dq_max_rel_err", "dg_max_rel_err", "peak_mem_gb")
 
 
@@ -376,7 +450,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="wall seconds for everything: later runs stop early or are skipped")
     p.add_argument("--recipes", default="delayed", help="comma list of TE recipes to train with")
     p.add_argument("--smoke-steps", type=int, default=10)
-    p.add_argument("--parts", default="kernel,moe,train,smoke", help="comma list of parts to run")
+    p.add_argument("--parts", default="kernel,attention,moe,train,smoke", help="comma list of parts to run")
     p.add_argument("--profile", action="store_true", help="the top kernels of two BF16 proxy steps")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -394,6 +468,9 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     if "kernel" in parts:
         rows += guarded("kernel", "gated delta", lambda: check_kernels(device, args.tiny))
+    if "attention" in parts:
+        rows += guarded("attention", "attention backends",
+                        lambda: check_attention(device, args.tiny, deadline))
     if "moe" in parts:
         rows += guarded("moe", "MoE block", lambda: check_moe(device, args.tiny))
     if "train" in parts:

@@ -20,9 +20,12 @@ def test_gpu_check_tiny_on_cpu(tmp_path):
     assert all(s == "ok" or s.startswith("skipped: ") for s in status.values()), status
     ran = {k for k, s in status.items() if s == "ok"}
     assert {("kernel", "gated delta: PyTorch chunked"), ("moe", "MoE block (grouped_mm)"),
+            ("attention", "masked SDPA T=256"), ("attention", "sdpa T=256"),
             ("train", "fp32 (tiny)"), ("train", "fp32 (tiny) + full AC"),
             ("train", "fp8_emulated (numerics)")} <= ran, status
     assert status[("kernel", "gated delta: fla")] == "skipped: needs CUDA"
+    sdpa = next(r for r in rows if r["name"] == "sdpa T=256")
+    assert sdpa["max_abs_err"] < 1e-4 and sdpa["dq_max_abs_err"] < 1e-4  # fp32 on CPU
     train = next(r for r in rows if r["name"] == "fp32 (tiny)")
     assert train["model_tflops"] > 0 and train["tokens_per_s"] > 0 and train["steps"] == 3
     assert "| part" in proc.stdout  # the table is printed
