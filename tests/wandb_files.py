@@ -32,22 +32,25 @@ def wandb_records(path):
 
 
 def wandb_runs(run_dir, timeout_s=60):
-    """[(run id, [steps logged])] of each start, in order. wandb's writer is a separate process
-    that may still be flushing after finish() returned: wait for each file's exit record."""
+    """[(run id, [steps logged])] of each start, in the order of the starts (their run records'
+    start times: the directory names have whole seconds, and two starts in one second would sort
+    by run id). wandb's writer is a separate process that may still be flushing after finish()
+    returned: wait for each file's exit record."""
     out = []
-    for f in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
+    for f in run_dir.glob("wandb/offline-run-*/run-*.wandb"):
         deadline = time.monotonic() + timeout_s
         while True:
-            ids, steps, ended = set(), [], False
+            ids, steps, ended, start = set(), [], False, (0, 0)
             for r in wandb_records(f):
                 kind = r.WhichOneof("record_type")
                 if kind == "run":
                     ids.add(r.run.run_id)
+                    start = max(start, (r.run.start_time.seconds, r.run.start_time.nanos))
                 elif kind == "history":
                     steps.append(r.history.step.num)
                 ended |= kind == "exit"
             if ended or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
-        out.append((ids.pop() if len(ids) == 1 else ids, steps))
-    return out
+        out.append(((start, f.parent.name), ids.pop() if len(ids) == 1 else ids, steps))
+    return [(run_id, steps) for _, run_id, steps in sorted(out, key=lambda x: x[0])]
