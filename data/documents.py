@@ -34,10 +34,9 @@ class VisualItem:
 @dataclass
 class Document:
     """Token ids (end-of-document included) and visual items in order; ``positions`` [3, tokens]
-    int64 their M-RoPE positions (None: left to collate, which then runs model/mrope.py over the
-    batch); ``ref`` locates the raw sample in its stream (for the packer's resumable carry),
-    ``offset`` is where this piece starts in the whole document (> 0 for the remainder of a split
-    document)."""
+    int64 their M-RoPE positions (None for plain text: 0, 1, 2, ...); ``ref`` locates the raw
+    sample in its stream (for the packer's resumable carry), ``offset`` is where this piece starts
+    in the whole document (> 0 for the remainder of a split document)."""
 
     tokens: list[int]
     items: list[VisualItem] = field(default_factory=list)
@@ -45,6 +44,13 @@ class Document:
     ref: Optional[dict[str, Any]] = None
     offset: int = 0
     positions: Optional[np.ndarray] = None
+
+    def __post_init__(self):
+        if self.positions is None:  # plain text: one running index
+            if self.items:
+                raise ValueError("a document with images or videos needs its M-RoPE positions")
+            self.positions = np.broadcast_to(np.arange(len(self.tokens), dtype=np.int64),
+                                             (3, len(self.tokens)))
 
     @property
     def num_visual(self) -> int:
@@ -54,11 +60,11 @@ class Document:
         """The piece from token ``cut`` on; ``cut`` must not fall inside an item."""
         items = [replace(it, start=it.start - cut, end=it.end - cut) for it in self.items
                  if it.start >= cut]
-        pos = None if self.positions is None else piece_positions(self.positions, cut)
+        pos = piece_positions(self.positions, cut)
         return Document(self.tokens[cut:], items, self.source, self.ref, self.offset + cut, pos)
 
     def head(self, cut: int) -> "Document":
-        pos = None if self.positions is None else self.positions[:, :cut]
+        pos = self.positions[:, :cut]
         return Document(self.tokens[:cut], [it for it in self.items if it.end <= cut], self.source,
                         self.ref, self.offset, pos)
 
@@ -70,7 +76,10 @@ class DocumentBuilder:
     def __init__(self, cfg: DataConfig, tokenizer, count: Callable[[str], None] | None = None):
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.ids = VisionTokenIds.from_tokenizer(tokenizer)
+        try:
+            self.ids: Optional[VisionTokenIds] = VisionTokenIds.from_tokenizer(tokenizer)
+        except KeyError:  # a text-only tokenizer: documents with media are skipped
+            self.ids = None
         self.eos_id = tokenizer.eos_id
         self.count = count or (lambda kind: None)
 
@@ -83,6 +92,9 @@ class DocumentBuilder:
             if "text" in seg:
                 tokens += self.tokenizer.encode(seg["text"])
                 continue
+            if self.ids is None:
+                raise BadSample("no_vision_tokens", f"{seg['key']!r}: the tokenizer has no "
+                                f"<|image_pad|> / <|video_pad|> tokens")
             if "image" in seg:
                 pixels, oversized = decode_image(seg["image"], c.image_max_pixels)
                 if oversized:
