@@ -72,12 +72,18 @@ class DataConfig:
         return self
 
 
-def validate_data_config(cfg: DataConfig) -> None:
-    """Raise ValueError naming the field, its value and the rule it breaks. Fills the vision
-    fields left null with VISION_DEFAULTS (the trainer has set them from model.vision before)."""
+def fill_vision_defaults(cfg: DataConfig) -> None:
+    """The vision fields left null -> VISION_DEFAULTS (the trainer has set them from model.vision
+    before: this is for loaders built without a model)."""
     for fld, default in VISION_DEFAULTS.items():
         if getattr(cfg, fld) is None:
             setattr(cfg, fld, default)
+
+
+def validate_data_config(cfg: DataConfig) -> None:
+    """Raise ValueError naming the field, its value and the rule it breaks. Fills the vision
+    fields left null (fill_vision_defaults)."""
+    fill_vision_defaults(cfg)
     if cfg.name not in SOURCES:
         raise ValueError(f"data.name={cfg.name!r} must be one of {SOURCES}")
     if cfg.seq_len < 2:

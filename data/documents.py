@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from data.config import DataConfig
+from data.config import DataConfig, fill_vision_defaults
 from data.decode import decode_image, decode_video
 from data.format import BadSample, parse_sample
 from data.pixels import image_patches, video_patches
@@ -34,7 +34,8 @@ class VisualItem:
 @dataclass
 class Document:
     """Token ids (end-of-document included) and visual items in order; ``positions`` [3, tokens]
-    int64 their M-RoPE positions (None for plain text: 0, 1, 2, ...); ``ref`` locates the raw
+    int64 their M-RoPE positions (None: 0, 1, 2, ..., right for plain text; DocumentBuilder gives
+    documents with media theirs); ``ref`` locates the raw
     sample in its stream (for the packer's resumable carry), ``offset`` is where this piece starts
     in the whole document (> 0 for the remainder of a split document)."""
 
@@ -46,9 +47,7 @@ class Document:
     positions: Optional[np.ndarray] = None
 
     def __post_init__(self):
-        if self.positions is None:  # plain text: one running index
-            if self.items:
-                raise ValueError("a document with images or videos needs its M-RoPE positions")
+        if self.positions is None:  # a running index: right for plain text
             self.positions = np.broadcast_to(np.arange(len(self.tokens), dtype=np.int64),
                                              (3, len(self.tokens)))
 
@@ -74,6 +73,7 @@ class DocumentBuilder:
     samples that are kept but noteworthy (``oversized_image``: resized down to the budget)."""
 
     def __init__(self, cfg: DataConfig, tokenizer, count: Callable[[str], None] | None = None):
+        fill_vision_defaults(cfg)
         self.cfg = cfg
         self.tokenizer = tokenizer
         try:

@@ -1,6 +1,7 @@
 """The webdataset data path: shard format and writer, synthetic shards, shard lists and their
 split, packing, mixtures, exact resume (batch by batch, with workers), and bad input."""
 
+import dataclasses
 import inspect
 import io
 import json
@@ -19,18 +20,19 @@ from PIL import Image
 from data import build_loader
 from data.config import DataConfig, SourceConfig
 from data.format import ShardSink, encode_sample, parse_sample
-from data.mm_packing import best_cut
+from data.packing import best_cut
 from data.shards import ShardStream, expand_shards, iter_tar_samples, slot_plan
 from data.synthetic import synthetic_sample, write_synthetic
 from data.synthetic_text import SyntheticText
 from data.tokenizer import load_tokenizer
-from data.webdataset_loader import SlotPipeline, resolve_sources
+from data.loader import resolve_sources
+from data.stream import VirtualStream
 from data.write import main as write_main
 from model.mrope import mrope_position_ids
 
 IMG, VID, VS, VE = 4, 5, 2, 3
 SMALL = dict(name="webdataset", seq_len=128, batch_size=4, image_min_pixels=1024,
-             video_min_pixels=1024, shuffle_buffer=8)
+             video_min_pixels=1024, shuffle_buffer=8, virtual_streams=4)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +53,12 @@ def spec(d, n=3):
 
 def cfg(**kw):
     return DataConfig(**{**SMALL, **kw})
+
+
+def stream(c, tok, index=0, of=1):
+    """Virtual stream ``index`` of ``of`` of config ``c``."""
+    c = dataclasses.replace(c, virtual_streams=of)
+    return VirtualStream(c, tok, resolve_sources(c), index)
 
 
 def png(w=40, h=40, colour=(200, 10, 10)):
@@ -196,7 +204,7 @@ def test_every_sample_of_an_epoch_is_read_once(tmp_path, shards, slots):
 def test_data_parallel_ranks_read_disjoint_samples(syn, tok):
     keys = []
     for rank in range(2):
-        pipe = SlotPipeline(cfg(epochs=1), tok, resolve_sources(cfg(shards=spec(syn))), rank, 2)
+        pipe = stream(cfg(epochs=1, shards=spec(syn)), tok, rank, 2)
         got = []
         while (d := pipe.next_doc()) is not None:
             got.append((d.ref["epoch"], tuple(d.tokens)))
@@ -209,20 +217,22 @@ def test_data_parallel_ranks_read_disjoint_samples(syn, tok):
         assert_same_batch(next(a), next(b))
 
 
-def epoch_docs(batches) -> list[tuple[int, ...]]:
-    """The token ids of the documents packed into ``batches`` (one rank's stream, in order),
-    pieces split across rows joined again; the padding of an epoch's last rows dropped."""
-    docs, part = [], []
+def epoch_docs(batches, streams) -> list[tuple[int, ...]]:
+    """The token ids of the documents packed into ``batches`` (a rank's rows), pieces split across
+    rows joined again (a piece's rest is in its stream's next row: stream = row_index % streams);
+    padding dropped."""
+    docs, part = [], {}
     for b in batches:
         ids, cu = b["input_ids"].flatten().tolist(), b["cu_seqlens"].tolist()
+        T = b["input_ids"].shape[1]
         for a, e in zip(cu[:-1], cu[1:]):
             piece = ids[a:e]
             if all(t == 1 for t in piece):  # padding
                 continue
-            part += piece
+            v = int(b["row_index"][a // T]) % streams
+            part[v] = part.get(v, []) + piece
             if piece[-1] == 0:  # end of document
-                docs.append(tuple(part))
-                part = []
+                docs.append(tuple(part.pop(v)))
     return docs
 
 
@@ -231,8 +241,8 @@ RANK_SCRIPT = inspect.getsource(epoch_docs) + """
 import json, sys
 from data import build_loader
 from data.config import DataConfig
-loader = build_loader(DataConfig(**json.loads(sys.argv[1])), int(sys.argv[2]), int(sys.argv[3]))
-print(json.dumps(epoch_docs(loader)))
+c = DataConfig(**json.loads(sys.argv[1]))
+print(json.dumps(epoch_docs(build_loader(c, int(sys.argv[2]), int(sys.argv[3])), c.virtual_streams)))
 """
 
 
@@ -252,7 +262,7 @@ def test_data_parallel_ranks_as_processes_split_an_epoch(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, json.dumps(c), str(rank), "2"],
                               cwd=root, env=env, stdout=subprocess.PIPE, text=True)
              for rank in range(2)]
-    whole = epoch_docs(build_loader(cfg(**c)))  # meanwhile, one process reading everything
+    whole = epoch_docs(build_loader(cfg(**c)), 4)  # meanwhile, one process reading everything
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     r0, r1 = ([tuple(d) for d in json.loads(o)] for o in outs)
@@ -379,7 +389,7 @@ def test_mixture_draws_sources_by_weight(tmp_path, tok):
         sink.close()
     c = cfg(sources={"caps": SourceConfig(f"{tmp_path}/caps/*.tar", 3.0),
                      "text": SourceConfig(f"{tmp_path}/text/*.tar", 1.0)})
-    pipe = SlotPipeline(c, tok, resolve_sources(c), 0, 1)
+    pipe = stream(c, tok)
     names = [pipe.next_doc().source for _ in range(400)]
     assert 0.68 < names.count("caps") / 400 < 0.82
     b = next(build_loader(c))
@@ -409,16 +419,18 @@ def test_resumed_loader_yields_the_same_batches(syn, tmp_path, workers):
     for a, b in zip(got, want):
         assert_same_batch(a, b)
     state = first.state_dict()
-    assert any(s["carry"] is not None for s in state["states"])  # the carry is exercised
+    assert any(s is not None and s["carry"] is not None for s in state["streams"].values())
     first.close()
     resumed = build_loader(c)
     resumed.load_state_dict(state)
     for i in range(k):
         assert_same_batch(next(resumed), want[n + i])
     resumed.close()
-    other = build_loader(cfg(sources=c.sources, num_workers=workers + 2))
-    with pytest.raises(ValueError, match="workers"):
-        other.load_state_dict(state)
+    # Another worker count continues the same batches.
+    other = build_loader(dataclasses.replace(c, num_workers=2 - workers))
+    other.load_state_dict(state)
+    assert_same_batch(next(other), want[n])
+    other.close()
 
 
 # ---- bad input ---------------------------------------------------------------------------------
@@ -475,7 +487,7 @@ def test_bad_input_is_skipped_counted_and_loses_no_valid_sample(tmp_path, tok, c
             info.size = len(data)
             t.addfile(info, io.BytesIO(data))
     c = cfg(shards=f"{d}/a-*.tar", epochs=1, shuffle_shards=False, image_max_pixels=256 * 256)
-    pipe = SlotPipeline(c, tok, resolve_sources(c), 0, 1)
+    pipe = stream(c, tok)
     texts = []
     with caplog.at_level("WARNING", logger="data"):
         while (doc := pipe.next_doc()) is not None:
@@ -516,7 +528,7 @@ def test_img2dataset_shards_are_image_caption_documents(tmp_path, tok):
                 info.size = len(data)
                 t.addfile(info, io.BytesIO(data))
     c = cfg(shards=f"{d}/i2d-000000.tar", epochs=1, shuffle_shards=False)
-    pipe = SlotPipeline(c, tok, resolve_sources(c), 0, 1)
+    pipe = stream(c, tok)
     docs = []
     while (doc := pipe.next_doc()) is not None:
         docs.append(doc)
