@@ -24,6 +24,7 @@ the job is resized.
 
 from __future__ import annotations
 
+import functools
 import glob
 import logging
 import lzma
@@ -38,7 +39,7 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
 from data.format import BadSample
-from data.tar import TarError, iter_files, open_tar_stream
+from data.tar import TarError, iter_files, member_index, open_tar_stream
 
 log = logging.getLogger("data")
 URL = re.compile(r"^[a-z][a-z0-9+.-]*:", re.I)  # pipe:, http:, s3:, gs:, file: ...
@@ -140,6 +141,63 @@ def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
             pass
 
 
+@functools.lru_cache(maxsize=256)
+def _sample_index(path: str, mtime_ns: int, size: int) -> Optional[list[tuple[str, bool, list]]]:
+    """A local tar's samples as (key, split, [(ext, offset, size)]), grouped as iter_tar_samples
+    groups them; None when it cannot be indexed (compressed, damaged: then it is streamed)."""
+    try:
+        members = member_index(path)
+    except (TarError, OSError):
+        return None
+    out: list[tuple[str, bool, list]] = []
+    done: set[str] = set()
+    for name, offset, n in members:
+        key, ext = base_plus_ext(name)
+        if key is None or ext is None or os.path.basename(name).startswith("__"):
+            continue
+        if not out or out[-1][0] != key:
+            if out:
+                done.add(out[-1][0])
+            out.append((key, key in done, []))
+        out[-1][2].append((ext.lower(), offset, n))
+    return out
+
+
+def iter_shard_samples(url: str, keep: Callable[[int], bool]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(index in the shard, sample) of the samples i with keep(i), as iter_tar_samples gives them.
+    Virtual streams sharing a shard each keep a part of its samples: a local uncompressed tar is
+    indexed once per process and only the kept samples' bytes are read; anything else is streamed
+    (every sample read, the kept ones yielded)."""
+    path = None if URL.match(url) and not url.startswith("file:") else os.path.expanduser(
+        url[5:] if url.startswith("file:") else url)
+    index = None
+    if path is not None:
+        try:
+            st = os.stat(path)
+            index = _sample_index(path, st.st_mtime_ns, st.st_size)
+        except OSError:
+            index = None
+    if index is None:
+        for i, sample in enumerate(iter_tar_samples(url)):
+            if keep(i):
+                yield i, sample
+        return
+    try:
+        with open(path, "rb") as f:
+            for i, (key, split, files) in enumerate(index):
+                if not keep(i):
+                    continue
+                sample: dict[str, Any] = {"__key__": key, "__url__": url}
+                if split:
+                    sample["__split__"] = True
+                for ext, offset, n in files:
+                    f.seek(offset)
+                    sample[ext] = f.read(n)
+                yield i, sample
+    except OSError as e:
+        raise BadSample("unreadable_shard", f"{url}: {type(e).__name__}: {e}") from None
+
+
 class ShardStream:
     """The raw samples of one slot of one source, epoch after epoch, block-shuffled, resumable.
 
@@ -172,12 +230,10 @@ class ShardStream:
                          self.shuffle_shards)
         while plan_pos < len(plan):
             shard, k, r = plan[plan_pos]
-            i = 0
             try:
-                for sample in iter_tar_samples(self.urls[shard]):
-                    if i >= sample_pos and i % k == r:
-                        yield (epoch, plan_pos, i + 1), sample
-                    i += 1
+                for i, sample in iter_shard_samples(self.urls[shard],
+                                                    lambda i: i >= sample_pos and i % k == r):
+                    yield (epoch, plan_pos, i + 1), sample
             except BadSample as e:
                 # Of the k slots sharing a shard only the one with r == 0 reports its damage, so it
                 # is counted once.

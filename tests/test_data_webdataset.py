@@ -19,9 +19,9 @@ from PIL import Image
 
 from data import build_loader
 from data.config import DataConfig, SourceConfig
-from data.format import ShardSink, encode_sample, parse_sample
+from data.format import BadSample, ShardSink, encode_sample, parse_sample
 from data.packing import best_cut
-from data.shards import ShardStream, expand_shards, iter_tar_samples, slot_plan
+from data.shards import ShardStream, expand_shards, iter_shard_samples, iter_tar_samples, slot_plan
 from data.synthetic import synthetic_sample, write_synthetic
 from data.synthetic_text import SyntheticText
 from data.tokenizer import load_tokenizer
@@ -172,6 +172,24 @@ def test_shard_specs_braces_globs_pipes_and_errors(syn):
         expand_shards(f"{syn}/shard-{{000000..000009}}.tar")
     with pytest.raises(ValueError, match="data.shards"):
         build_loader(cfg(shards=f"{syn}/missing-*.tar"))
+
+
+def test_shared_shard_reads_only_the_kept_samples_as_streamed(syn, tmp_path):
+    """The local-file index path (seek to the kept samples) gives what streaming the whole shard
+    and filtering gives; a cut file falls back to streaming (its damage is reported)."""
+    path = f"{syn}/shard-000001.tar"
+    keep = lambda i: i % 3 == 1  # noqa: E731
+    want = [(i, s) for i, s in enumerate(iter_tar_samples(path)) if keep(i)]
+    assert list(iter_shard_samples(path, keep)) == want
+    assert list(iter_shard_samples(f"pipe:cat {path}", keep)) == \
+        [(i, {**s, "__url__": f"pipe:cat {path}"}) for i, s in want]
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(open(path, "rb").read()[:20000])
+    got = []
+    with pytest.raises(BadSample, match="after"):
+        for i, s in iter_shard_samples(str(cut), keep):
+            got.append(i)
+    assert got and got == [i for i, _ in want[:len(got)]]
 
 
 @pytest.mark.parametrize("shards,slots", [(3, 4), (5, 4), (8, 4), (2, 6), (7, 3)])
