@@ -17,7 +17,7 @@ import numpy as np
 from data.config import DataConfig, fill_vision_defaults
 from data.decode import decode_image, decode_video
 from data.format import BadSample, parse_sample
-from data.pixels import image_patches, video_patches
+from data.pixels import image_patches, video_patches_at, video_plan
 from data.positions import document_positions, piece_positions
 from model.vision_processing import VisualInput
 from model.vision_tokens import VisionTokenIds, image_token_ids, num_visual_tokens, video_token_ids
@@ -83,6 +83,12 @@ class DocumentBuilder:
         self.eos_id = tokenizer.eos_id
         self.count = count or (lambda kind: None)
 
+    def _video_plan(self, total: int, clip_fps: float, height: int, width: int):
+        c = self.cfg
+        return video_plan(total, clip_fps, height, width, c.video_fps, c.patch_size,
+                          c.temporal_patch_size, c.merge_size, c.video_min_pixels,
+                          c.video_max_pixels, c.video_min_frames, c.video_max_frames)
+
     def build(self, raw: dict[str, Any], source: str = "default") -> Document:
         c, merge = self.cfg, self.cfg.merge_size
         tokens: list[int] = []
@@ -108,11 +114,11 @@ class DocumentBuilder:
                 t, h, w = vis.grid_thw
                 blocks.append((len(tokens) + 1, (t, h // merge, w // merge)))
             else:
-                frames, fps = decode_video(seg["video"], seg["key"], seg.get("fps"))
                 try:
-                    vis = video_patches(frames, fps, c.video_fps, c.patch_size, c.temporal_patch_size,
-                                        merge, c.video_min_pixels, c.video_max_pixels,
-                                        c.video_min_frames, c.video_max_frames)
+                    frames, fps, kept, size = decode_video(seg["video"], seg["key"], seg.get("fps"),
+                                                           self._video_plan)
+                    vis = video_patches_at(frames, kept, size, fps, c.patch_size,
+                                           c.temporal_patch_size, merge)
                 except ValueError as e:
                     raise BadSample("bad_video", f"video {seg['key']!r}: {e}") from None
                 layout = video_token_ids(vis.grid_thw, vis.timestamps, self.tokenizer, self.ids, merge)

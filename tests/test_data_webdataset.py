@@ -556,26 +556,87 @@ def test_img2dataset_shards_are_image_caption_documents(tmp_path, tok):
     assert dict(pipe.skipped) == {"invalid_json": 1}
 
 
-def test_video_through_pyav(tmp_path, tok):
+def mp4(frames: list[np.ndarray], fps: int = 8, gop: int | None = None) -> bytes:
+    """An mp4 (mpeg4) of [H, W, 3] uint8 frames; with ``gop``: a keyframe every gop frames, at a
+    high bit rate (flat frames keep their grey level)."""
     av = pytest.importorskip("av")
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as out:
-        stream = out.add_stream("mpeg4", rate=8)
-        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
-        for f in range(16):
-            img = Image.new("RGB", (64, 64), (40, 40, 40))
-            img.paste((230, 30, 30), (4 * f, 20, 4 * f + 12, 32))
-            for packet in stream.encode(av.VideoFrame.from_image(img)):
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        if gop:
+            stream.gop_size, stream.bit_rate = gop, 4_000_000
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
+    return buf.getvalue()
+
+
+def test_video_through_pyav_and_decord(tmp_path, tok):
+    frames = []
+    for f in range(16):
+        img = Image.new("RGB", (64, 64), (40, 40, 40))
+        img.paste((230, 30, 30), (4 * f, 20, 4 * f + 12, 32))
+        frames.append(np.asarray(img))
+    clip = mp4(frames)
     from data.decode import av_frames, decode_video
-    frames, fps = decode_video(buf.getvalue(), "1.mp4")  # decord when installed, else PyAV
-    assert frames.shape[1:] == (3, 64, 64) and frames.shape[0] == 16 and fps == pytest.approx(8)
-    ref, ref_fps = av_frames(buf.getvalue())
+    every = lambda total, fps, h, w: (list(range(total)), (h, w))  # noqa: E731
+    got, fps, kept, size = decode_video(clip, "1.mp4", None, every)  # decord when installed
+    assert got.shape == (16, 3, 64, 64) and fps == pytest.approx(8) and kept == list(range(16))
+    ref, ref_fps, _, _ = av_frames(clip, None, every)
     assert ref_fps == pytest.approx(8) and len(ref) == 16
     # decord (its own ffmpeg build) and PyAV: the same frames up to the YUV -> RGB rounding
-    assert (frames.permute(0, 2, 3, 1).float() - torch.from_numpy(np.stack(ref)).float()).abs().mean() < 2
+    assert (got.permute(0, 2, 3, 1).float() - torch.from_numpy(np.stack(ref)).float()).abs().mean() < 2
     # the moving square: brightest red column moves 4 pixels a frame
-    red = frames[:, 0, 26].float().argmax(-1)
+    red = got[:, 0, 26].float().argmax(-1)
     assert (red[1:] >= red[:-1]).all() and red[-1] > red[0]
+
+
+@pytest.mark.parametrize("decoder", ["av", "decord"])
+def test_video_decoded_at_the_kept_frames_and_size(decoder, monkeypatch):
+    """A clip of 40 frames whose grey level names the frame: the plan's frames come back (found
+    by seeking past keyframes), scaled by the decoder to the plan's size."""
+    pytest.importorskip(decoder)
+    from data import decode
+
+    monkeypatch.setattr(decode, "SEEK_AFTER", 4)  # PyAV seeks to frames 20 and 39
+    clip = mp4([np.full((48, 64, 3), 20 + 5 * f, np.uint8) for f in range(40)], gop=5)
+    want = [3, 20, 21, 39]
+    calls = []
+
+    def plan(total, fps, h, w):
+        calls.append((total, fps, h, w))
+        return want, (24, 32)
+
+    frames, fps, kept, size = getattr(decode, f"{decoder}_frames")(clip, None, plan)
+    assert calls == [(40, pytest.approx(8.0), 48, 64)] and kept == want and size == (24, 32)
+    assert [f.shape for f in frames] == [(24, 32, 3)] * 4
+    assert [float(f.mean()) for f in frames] == pytest.approx([20 + 5 * i for i in want], abs=2)
+
+
+def test_video_caption_shards_read_as_documents(tmp_path, tok):
+    """video2dataset's layout: <key>.mp4, the caption in <key>.txt, metadata in <key>.json."""
+    pytest.importorskip("av")
+    clip = mp4([np.full((48, 64, 3), 9 * f, np.uint8) for f in range(24)])
+    meta = json.dumps({"url": "http://example.com/v.mp4", "duration": 3.0}).encode()
+    d = tmp_path / "v2d"
+    d.mkdir()
+    with tarfile.open(d / "v-000000.tar", "w") as t:
+        for key, files in (("000", {"mp4": clip, "txt": b"a fading clip", "json": meta}),
+                           ("001", {"mp4": clip, "txt": b"the same clip again"})):
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    pipe = stream(cfg(shards=f"{d}/v-000000.tar", epochs=1, shuffle_shards=False), tok)
+    docs = []
+    while (doc := pipe.next_doc()) is not None:
+        docs.append(doc)
+    assert [tok.decode([t for t in doc.tokens[doc.items[0].end:] if t > 5]) for doc in docs] == \
+        ["a fading clip", "the same clip again"]
+    assert all(doc.items[0].visual.kind == "video" for doc in docs) and not pipe.skipped
+    t, h, w = docs[0].items[0].visual.grid_thw
+    assert t == 3  # 3 s at 2 frames per second, 2 frames per temporal patch
