@@ -82,12 +82,19 @@ class DocumentBuilder:
             self.ids = None
         self.eos_id = tokenizer.eos_id
         self.count = count or (lambda kind: None)
+        # The pixel budgets, capped at what a packed row takes (data.max_visual_tokens merged
+        # tokens): a photo larger than a row's share is trained on smaller, not dropped.
+        cap = cfg.max_visual_tokens or cfg.seq_len // 2
+        token_pixels = (cfg.patch_size * cfg.merge_size) ** 2  # pixels per merged token
+        self.image_max_pixels = min(cfg.image_max_pixels, cap * token_pixels)
+        self.video_max_pixels = min(cfg.video_max_pixels, cap * token_pixels * cfg.temporal_patch_size)
 
     def _video_plan(self, total: int, clip_fps: float, height: int, width: int):
         c = self.cfg
         return video_plan(total, clip_fps, height, width, c.video_fps, c.patch_size,
-                          c.temporal_patch_size, c.merge_size, c.video_min_pixels,
-                          c.video_max_pixels, c.video_min_frames, c.video_max_frames)
+                          c.temporal_patch_size, c.merge_size,
+                          min(c.video_min_pixels, self.video_max_pixels), self.video_max_pixels,
+                          c.video_min_frames, c.video_max_frames)
 
     def build(self, raw: dict[str, Any], source: str = "default") -> Document:
         c, merge = self.cfg, self.cfg.merge_size
@@ -102,12 +109,13 @@ class DocumentBuilder:
                 raise BadSample("no_vision_tokens", f"{seg['key']!r}: the tokenizer has no "
                                 f"<|image_pad|> / <|video_pad|> tokens")
             if "image" in seg:
-                pixels, oversized = decode_image(seg["image"], c.image_max_pixels)
+                pixels, oversized = decode_image(seg["image"], self.image_max_pixels)
                 if oversized:
                     self.count("oversized_image")
                 try:
                     vis = image_patches(pixels, c.patch_size, merge,
-                                        c.image_min_pixels, c.image_max_pixels)
+                                        min(c.image_min_pixels, self.image_max_pixels),
+                                        self.image_max_pixels)
                 except ValueError as e:  # e.g. an aspect ratio over 200
                     raise BadSample("bad_image", f"image {seg['key']!r}: {e}") from None
                 layout = image_token_ids(vis.grid_thw, self.ids, merge)

@@ -9,7 +9,9 @@ to itself and has its own positions. Rules:
   does not fall inside an image or video; the remainder is carried into the next row as a new
   segment with its own positions;
 - a single image or video that cannot fit even an empty row (over seq_len, or over the cap on
-  visual tokens per row) cannot be trained on: that document piece is skipped and counted.
+  visual tokens per row) cannot be trained on: it and the rest of its document (its caption) are
+  skipped and counted (``visual_over_cap``). DocumentBuilder sizes images and videos within the
+  cap, so this takes a video whose timestamps and tokens together exceed a row.
 
 Collation is two steps, so that loader workers do the per-row work and the training process only
 concatenates: `row_arrays` (one row -> numpy arrays: tokens, labels, positions, patches) and
@@ -96,13 +98,13 @@ class Packer:
                 cut = best_cut(doc, room, vroom)
                 if cut == 0:
                     if not row.tokens:
+                        # The rest of the document goes with it: its caption, trained as plain
+                        # text, would teach the model to describe what it was not shown.
                         it = doc.items[0]
                         self.on_skip("visual_over_cap", f"a {it.visual.kind} of {it.num_tokens} visual "
                                      f"tokens ({it.end - it.start} with its markers) cannot fit a row "
-                                     f"of {self.seq_len} tokens with at most {self.cap} visual tokens")
-                        rest = doc.tail(it.end)
-                        if rest.tokens:
-                            self.carry = rest
+                                     f"of {self.seq_len} tokens with at most {self.cap} visual "
+                                     f"tokens: the rest of its document is dropped")
                         continue
                     self.carry = doc
                     break

@@ -394,6 +394,41 @@ def test_best_cut_never_splits_an_item():
     assert doc.tail(20).items[0].start == 0 and doc.tail(20).offset == 20
 
 
+def test_photo_sized_images_fit_the_smoke_budgets(tok):
+    """A 512x384 photo is sized within experiment=smoke_cpu's row cap (128 visual tokens of a
+    256-token row) and packed with its caption, not dropped."""
+    from data.documents import DocumentBuilder
+    from data.packing import Packer
+    from train.main import load_config
+
+    c = load_config(["experiment=smoke_cpu"]).data
+    buf = io.BytesIO()
+    Image.new("RGB", (512, 384), (20, 90, 160)).save(buf, "JPEG")
+    counted = []
+    doc = DocumentBuilder(c, tok, count=counted.append).build(
+        encode_sample("k", [{"image": buf.getvalue(), "ext": "jpg"}, {"text": " a blue photo"}]))
+    assert 64 < doc.num_visual <= c.seq_len // 2 and counted == ["oversized_image"]
+    skipped = []
+    docs = iter([doc])
+    row = Packer(c.seq_len, c.seq_len // 2, tok.pad_id, on_skip=lambda *a: skipped.append(a)).next_row(
+        lambda: next(docs, None))
+    assert not skipped and len(row.images) == 1 and row.tokens[:len(doc.tokens)] == doc.tokens
+
+
+def test_a_dropped_visual_takes_its_caption_with_it():
+    from data.documents import Document, VisualItem
+    from data.packing import Packer
+    from model.vision_processing import VisualInput
+
+    big = Document([VS] + [IMG] * 10 + [VE, 50, 51, 0],
+                   [VisualItem(0, 12, VisualInput(torch.zeros(40, 1), (1, 4, 10)), 10)])
+    docs = iter([big, Document([60, 61, 0])])
+    skipped = []
+    p = Packer(seq_len=8, max_visual_tokens=8, pad_id=1, on_skip=lambda kind, msg: skipped.append(kind))
+    row = p.next_row(lambda: next(docs, None))
+    assert skipped == ["visual_over_cap"] and row.tokens == [60, 61, 0, 1, 1, 1, 1, 1]
+
+
 # ---- mixtures ----------------------------------------------------------------------------------
 
 
