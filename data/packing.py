@@ -41,7 +41,8 @@ class PackedRow:
     images: list[VisualInput] = field(default_factory=list)
     videos: list[VisualInput] = field(default_factory=list)
     source_tokens: dict[str, int] = field(default_factory=dict)  # non-pad tokens per source
-    positions: list[np.ndarray] = field(default_factory=list)  # [3, n] M-RoPE of each piece
+    # [3, n] M-RoPE positions of each document piece; empty: plain text (0, 1, ... per segment)
+    positions: list[np.ndarray] = field(default_factory=list)
 
 
 def padding_row(seq_len: int, pad_id: int) -> PackedRow:
@@ -143,9 +144,15 @@ def row_arrays(row: PackedRow, visual_pads: tuple[int, ...] = (), patch_size: in
     if visual_pads:
         labels[np.isin(tokens, visual_pads) | np.isin(labels, visual_pads)] = IGNORE_INDEX
     pad_pos = np.broadcast_to(np.arange(row.num_pad, dtype=np.int64), (3, row.num_pad))
+    if row.positions:
+        positions = np.concatenate([*row.positions, pad_pos], axis=1)
+    else:  # a row made by hand (tests): text positions, from 0 in each segment
+        seg = np.asarray(row.seg_lens)
+        flat = np.arange(T) - np.repeat(np.cumsum(seg) - seg, seg)
+        positions = np.broadcast_to(flat, (3, T))
     out: dict[str, Any] = {
         "input_ids": tokens, "labels": labels, "seg_lens": np.asarray(row.seg_lens, dtype=np.int64),
-        "positions": np.concatenate([*row.positions, pad_pos], axis=1),
+        "positions": positions,
         "source_tokens": dict(row.source_tokens)}
     for kind in ("images", "videos"):
         items = getattr(row, kind)
