@@ -27,6 +27,7 @@ import os
 from collections import Counter, deque
 from typing import Any, Iterator, Optional
 
+import numpy as np
 import torch
 
 from data.config import DataConfig, source_specs, validate_data_config
@@ -152,7 +153,8 @@ class Loader:
             self._start()
         rows = [self._row() for _ in range(self.cfg.batch_size)]
         batch = stack([a for _, a in rows])
-        batch["row_index"] = torch.tensor([self.dp_rank + self.dp_world * i for i, _ in rows])
+        batch["row_index"] = torch.from_numpy(
+            self.dp_rank + self.dp_world * np.array([i for i, _ in rows], dtype=np.int64))
         if batch["num_tokens"] == 0 and all(s is not None and s["ended"] for s in self.states.values()):
             self.exhausted = True  # every stream of this rank has ended
             raise StopIteration
