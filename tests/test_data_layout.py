@@ -153,3 +153,14 @@ def test_global_batch_must_divide_by_the_layout():
         load_config(["experiment=smoke_cpu_text", "data.global_batch_size=6", "train.grad_accum=4"])
     cfg = load_config(["experiment=smoke_cpu_text", "data.global_batch_size=8", "train.grad_accum=4"])
     assert cfg.data.batch_size == 2
+
+
+def test_vision_fields_come_from_the_model():
+    from train.main import load_config
+    from model.config import ConfigError
+
+    cfg = load_config(["experiment=smoke_cpu", "model.vision.patch_size=14"])
+    assert (cfg.data.patch_size, cfg.data.temporal_patch_size, cfg.data.merge_size) == (14, 2, 2)
+    with pytest.raises(ConfigError, match=r"data.merge_size=4 differs from "
+                                          r"model.vision.spatial_merge_size=2: leave data.merge_size"):
+        load_config(["experiment=smoke_cpu", "data.merge_size=4"])

@@ -429,6 +429,36 @@ def test_a_dropped_visual_takes_its_caption_with_it():
     assert skipped == ["visual_over_cap"] and row.tokens == [60, 61, 0, 1, 1, 1, 1, 1]
 
 
+def test_shards_of_webdatasets_own_writer(tmp_path, tok):
+    """webdataset.TarWriter's shards in the img2dataset / video2dataset / plain-text layouts read
+    as image-caption, video-caption and text documents, through the loader."""
+    pytest.importorskip("av")
+    import webdataset as wds
+
+    buf = io.BytesIO()
+    Image.new("RGB", (96, 64), (200, 30, 30)).save(buf, "JPEG")
+    clip = mp4([np.full((48, 64, 3), 9 * f, np.uint8) for f in range(16)])
+    path = tmp_path / "wds-000000.tar"
+    with wds.TarWriter(str(path)) as sink:
+        for i in range(4):
+            sink.write({"__key__": f"i{i}", "jpg": buf.getvalue(), "txt": f"red photo {i}",
+                        "json": {"width": 96, "height": 64}})
+            sink.write({"__key__": f"v{i}", "mp4": clip, "txt": f"dark clip {i}",
+                        "json": {"duration": 2.0}})
+            sink.write({"__key__": f"t{i}", "txt": f"plain note {i}"})
+    c = cfg(shards=str(path), epochs=1, shuffle_shards=False, virtual_streams=1, seq_len=256)
+    kinds, texts = Counter(), []
+    pipe = stream(c, tok)
+    while (doc := pipe.next_doc()) is not None:
+        kinds[tuple(it.visual.kind for it in doc.items)] += 1
+        texts.append(tok.decode([t for t in doc.tokens[doc.items[-1].end if doc.items else 0:] if t > 5]))
+    assert not pipe.skipped and kinds == {("image",): 4, ("video",): 4, (): 4}
+    assert sorted(texts) == sorted(f"{w} {i}" for w in ("red photo", "dark clip", "plain note")
+                                   for i in range(4))
+    b = next(build_loader(c))
+    assert "pixel_values" in b and "pixel_values_videos" in b
+
+
 # ---- mixtures ----------------------------------------------------------------------------------
 
 
