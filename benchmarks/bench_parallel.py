@@ -45,6 +45,7 @@ from model.moe import collect_expert_load
 from parallel.comm_count import CommCounter, CommStat, CommTable, mesh_group_labels
 from parallel.comm_model import EPTraffic, StepSpec, by_source, predict, predict_table, to_table
 from parallel.config import ParallelConfig
+from parallel.context_parallel import sum_over_cp
 from parallel.distributed import sum_over
 from parallel.expert_parallel import collect_comm_bytes
 from parallel.grads import clip_grad_norm_, global_grad_norm, match_grad_placements
@@ -74,6 +75,8 @@ EXTRA_LAYOUTS = [
     ("HSDP dp_replicate=2 x dp_shard=2", 4, {"dp_replicate": 2, "dp_shard": 2}, "balanced"),
     ("dp_shard=2 x tp=2, selective AC", 4,
      {"dp_shard": 2, "tp": 2, "activation_checkpoint": "selective"}, "balanced"),
+    ("cp=2", 2, {"cp": 2}, "balanced"),
+    ("cp=2 x tp=2", 4, {"cp": 2, "tp": 2}, "balanced"),
 ]
 
 
@@ -134,6 +137,8 @@ def parallel_step(model: Qwen35LM, meshes, batch: dict, opt: torch.optim.Optimiz
     opt.zero_grad(set_to_none=True)
     load = collect_expert_load(model)
     if load is not None:
+        if meshes is not None and meshes.cp is not None:  # the slices' counts (as the runner)
+            load = sum_over_cp(load, meshes.cp)
         sum_over(load.flatten().tolist(), loss_mesh)
     return float(out.loss.detach())
 

@@ -106,7 +106,7 @@ def main():
                         hidden).to(trainer.device)
         dense_params = sum(p.numel() for p in dense.parameters())
         dense_nonemb = dense_params - dense.embed_tokens.weight.numel() - dense.lm_head.weight.numel()
-        # same convention as train_flops_per_token: 2 per matmul parameter (LM head included),
+        # train_flops_per_token's (Megatron-Bridge's) convention: 2 per matmul parameter (LM head included),
         # causal attention 2 * H * head_dim * T per layer, backward = 2 x forward
         dense_flops = 3.0 * (2.0 * (dense_nonemb + dense.lm_head.weight.numel())
                              + m.num_layers * 2.0 * m.num_attention_heads * m.head_dim * cfg.data.seq_len)

@@ -51,6 +51,12 @@ class DataConfig:
     # a block per stream it runs: virtual_streams / (data-parallel size x workers) of them.
     shuffle_buffer: int = 32
     epochs: Optional[int] = None  # passes over every source; None = endless
+    # Resume although the shard list differs from the checkpoint's (same count): the streams
+    # continue at the same positions of the new list. Off: such a resume is refused.
+    allow_changed_shards: bool = False
+    # Samples of one source skipped in a row (bad JSON, undecodable media...) that stop the run
+    # with a message naming the source; 0 = never stop.
+    max_consecutive_skips: int = 1000
     # Cap on merged visual tokens per packed row; None = seq_len // 2.
     max_visual_tokens: Optional[int] = None
     # null = model.vision's patch_size / temporal_patch_size / spatial_merge_size, filled in by
@@ -102,9 +108,15 @@ def validate_data_config(cfg: DataConfig) -> None:
     if cfg.global_batch_size is not None and cfg.global_batch_size < 1:
         raise ValueError(f"data.global_batch_size={cfg.global_batch_size} must be >= 1 or null "
                          f"(data.batch_size x data-parallel size x train.grad_accum)")
-    if cfg.num_workers < 0:
-        raise ValueError(f"data.num_workers={cfg.num_workers} must be >= 0")
+    for fld in ("num_workers", "max_consecutive_skips"):
+        if getattr(cfg, fld) < 0:
+            raise ValueError(f"data.{fld}={getattr(cfg, fld)} must be >= 0")
     if cfg.name != "webdataset":
+        # Shards given to another source would be ignored: the run would train on something else.
+        if cfg.shards or cfg.sources:
+            given = f"data.shards={cfg.shards!r}" if cfg.shards else f"data.sources={list(cfg.sources)}"
+            raise ValueError(f"{given}: shards are read only with data=webdataset "
+                             f"(data.name={cfg.name!r} would ignore them); add data=webdataset")
         return
     if bool(cfg.shards) == bool(cfg.sources):
         raise ValueError(f"data.shards={cfg.shards!r} and data.sources={dict(cfg.sources)!r}: "

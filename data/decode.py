@@ -41,7 +41,7 @@ def decode_image(data: bytes, max_pixels: int) -> tuple[torch.Tensor, bool]:
             if img.mode == "RGB":
                 img.load()  # converting would only copy it; load() raises for a damaged file
             else:
-                img = img.convert("RGB")
+                img = to_rgb(img)
             w, h = img.size
             factor = int((w * h / (REDUCE_SLACK * max_pixels)) ** 0.5)
             if factor >= 2:
@@ -53,6 +53,32 @@ def decode_image(data: bytes, max_pixels: int) -> tuple[torch.Tensor, bool]:
     if arr.ndim != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
         raise BadSample("bad_image", f"image of shape {arr.shape}")
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1), oversized
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any pillow mode -> 8-bit RGB as a viewer shows it. pillow's own convert("RGB") clips 16-bit
+    and 32-bit grayscale to 255 (a white image), drops alpha (transparent pixels show whatever
+    colour they hold, often black) and uses a subtractive CMYK formula; here deep grayscale is
+    scaled, alpha is composited over white (as Qwen-VL's preprocessing does) and CMYK is
+    multiplicative: R = (255 - C) * (255 - K) / 255."""
+    mode = img.mode
+    if mode.startswith("I") or mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        peak = a.max() if a.size else 0.0
+        if mode == "F" and peak <= 1.0:
+            a = a * 255.0  # float images in [0, 1]
+        elif mode.startswith("I;16") or peak > 255:
+            a = a / (257.0 if mode.startswith("I;16") or peak <= 65535 else peak / 255.0)
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "CMYK":
+        c = np.asarray(img, dtype=np.float64)
+        rgb = (255.0 - c[..., :3]) * (255.0 - c[..., 3:]) / 255.0
+        return Image.fromarray(np.rint(rgb).astype(np.uint8), "RGB")
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, P, YCbCr, LAB, HSV: pillow's conversion is the usual one
 
 
 # (frames in the clip, its frame rate, height, width) -> (the frame indices to keep, the
@@ -101,7 +127,7 @@ def _pillow_frames(data: bytes) -> tuple[list[np.ndarray], float | None]:
     frames, durations = [], []
     for frame in ImageSequence.Iterator(img):
         # GIF frames after the first come as RGB already: converting those would only copy them.
-        frames.append(np.asarray(frame if frame.mode == "RGB" else frame.convert("RGB")))
+        frames.append(np.asarray(frame if frame.mode == "RGB" else to_rgb(frame)))
         durations.append(frame.info.get("duration") or 0)
     mean_ms = sum(durations) / len(durations) if durations else 0
     return frames, (1000.0 / mean_ms if mean_ms > 0 else None)

@@ -46,6 +46,11 @@ class BadSample(Exception):
         self.kind = kind
 
 
+class DataError(RuntimeError):
+    """The data cannot feed the run (e.g. a source whose samples are all bad): stops it with one
+    line naming the source."""
+
+
 def encode_sample(key: str, segments: list[dict[str, Any]], source: str | None = None) -> dict[str, bytes]:
     """Segments with media bytes -> the files of one sample (name without key -> bytes).
 
@@ -78,7 +83,8 @@ def parse_sample(sample: dict[str, Any]) -> list[dict[str, Any]]:
     """Raw sample (``json`` plus media keys -> bytes) -> segments, each ``{"text": str}``,
     ``{"image": bytes, "key": k}`` or ``{"video": bytes, "key": k, "fps": float | None}``.
 
-    Raises BadSample: split_sample, missing_json, invalid_json, missing_key, empty_document.
+    Raises BadSample: split_sample, missing_json, invalid_json, invalid_text, missing_key,
+    empty_document.
     """
     if sample.get("__split__"):
         raise BadSample("split_sample", "more files of this key come after other samples' files: "
@@ -105,6 +111,10 @@ def parse_sample(sample: dict[str, Any]) -> list[dict[str, Any]]:
         if "text" in seg:
             if not isinstance(seg["text"], str):
                 raise BadSample("invalid_json", f"segment {i}: text must be a string")
+            try:  # JSON may escape a lone surrogate ("\ud800"), which no tokenizer takes
+                seg["text"].encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise BadSample("invalid_text", f"segment {i}: not valid Unicode: {e}") from None
             if seg["text"]:
                 out.append({"text": seg["text"]})
             continue

@@ -22,6 +22,7 @@ continues the same trajectory.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections import Counter, deque
@@ -39,6 +40,7 @@ from model.vision_tokens import VisionTokenIds
 
 log = logging.getLogger("data")
 STATE_VERSION = 2  # 1: per-rank slot states (data/webdataset_loader.py), not readable here
+KEPT = ("oversized_image",)  # counted with the skips, but the sample is kept (resized down)
 Sources = dict[str, tuple[Optional[list[str]], float]]
 
 
@@ -172,13 +174,13 @@ class Loader:
     # ---- state -------------------------------------------------------------------------------
 
     def metrics(self) -> dict[str, int]:
-        """Skipped (or, for ``oversized_image``, resized) samples so far, by kind, over this rank's
-        streams, as of the rows consumed: ``{"skipped/<kind>": n}``."""
+        """Skipped samples so far, by kind, over this rank's streams, as of the rows consumed:
+        ``{"skipped/<kind>": n}``; images kept but resized down: ``resized/<kind>``."""
         total: Counter = Counter()
         for s in self.states.values():
             if s is not None:
                 total.update(s["skipped"])
-        return {f"skipped/{k}": v for k, v in sorted(total.items())}
+        return {f"{'resized' if k in KEPT else 'skipped'}/{k}": v for k, v in sorted(total.items())}
 
     def _identity(self) -> dict[str, Any]:
         return {"seed": self.cfg.seed, "virtual_streams": self.cfg.virtual_streams,
@@ -188,6 +190,7 @@ class Loader:
     def state_dict(self) -> dict[str, Any]:
         """Plain ints, strings, lists and dicts: the global rows consumed and this rank's streams."""
         return {"version": STATE_VERSION, "kind": "streams", **self._identity(),
+                "shard_lists": shard_fingerprints(self.sources),
                 "rows": self.consumed * self.dp_world,
                 "streams": {str(v): s for v, s in self.states.items()}}
 
@@ -207,6 +210,7 @@ class Loader:
                     raise ValueError(f"data loader state has {key}={s[key]} but this run has "
                                      f"{key}={want}; the same trajectory needs the same data.seed, "
                                      f"data.virtual_streams, data.seq_len and shards")
+            self._check_shard_lists(s.get("shard_lists"))
             if s["rows"] != states[0]["rows"]:
                 raise ValueError(f"data loader states disagree on the rows consumed "
                                  f"({s['rows']} vs {states[0]['rows']}): not one checkpoint")
@@ -224,6 +228,28 @@ class Loader:
         self.states = {v: merged[v] for v in self.mine}
         self.consumed = rows // self.dp_world
         self.exhausted = False
+
+    def _check_shard_lists(self, saved: Optional[dict[str, str]]) -> None:
+        """The stream positions index the shard list: other files, or the same in another order,
+        would silently resume elsewhere."""
+        if saved is None or self.cfg.allow_changed_shards:
+            return
+        here = shard_fingerprints(self.sources)
+        for name in sorted(set(saved) & set(here)):
+            if saved[name] != here[name]:
+                field = f"data.sources.{name}.shards" if self.cfg.sources else "data.shards"
+                raise ValueError(
+                    f"{field}: the shard list differs from the one the checkpoint was written with "
+                    f"(other files or another order; {len(self.sources[name][0])} shards now): "
+                    f"resuming would not continue where the run stopped; resume with the same "
+                    f"shards, or set data.allow_changed_shards=true to continue at the same "
+                    f"positions of the new list")
+
+
+def shard_fingerprints(sources: Sources) -> dict[str, str]:
+    """name -> a digest of its ordered shard list (a checkpoint keeps this, not the list)."""
+    return {name: hashlib.sha256("\n".join(urls).encode()).hexdigest()[:16]
+            for name, (urls, _) in sources.items() if urls is not None}
 
 
 def build_loader(cfg: DataConfig, dp_rank: int = 0, dp_world: int = 1) -> Loader:

@@ -98,7 +98,8 @@ def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
     """Samples of one tar shard: dicts of extension -> bytes plus ``__key__`` and ``__url__``,
     grouping consecutive files by key (webdataset's ``base_plus_ext`` rule). A key that comes back
     after another (a sample's files not adjacent, as `tar -C dir .` leaves them) marks the sample
-    ``__split__``: parse_sample then says how to write the shard.
+    ``__split__``: parse_sample then says how to write the shard. A file that repeats within one
+    key's run (``a.json a.png a.json a.png``) starts a second sample with that key: both are read.
 
     A shard that cannot be opened or read raises BadSample("unreadable_shard") before its first
     sample, or BadSample("truncated_shard") after the samples that were complete (the sample cut
@@ -116,8 +117,11 @@ def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
             key, ext = base_plus_ext(name)
             if key is None or ext is None or os.path.basename(name).startswith("__"):
                 continue
-            if current is not None and current["__key__"] != key:
-                # A new key starts: the previous sample is complete even if this file is damaged.
+            # The same key again with a file it already has: a second sample under that key
+            # (two writers, a concatenated shard), kept rather than merged over the first.
+            again = current is not None and current["__key__"] == key and ext.lower() in current
+            if current is not None and (current["__key__"] != key or again):
+                # A new sample starts: the previous one is complete even if this file is damaged.
                 yield current
                 yielded += 1
                 done.add(current["__key__"])
@@ -125,7 +129,7 @@ def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
             data = read()
             if current is None:
                 current = {"__key__": key, "__url__": url}
-                if key in done:
+                if key in done and not again:
                     current["__split__"] = True
             current[ext.lower()] = data
         if current is not None:
@@ -155,10 +159,12 @@ def _sample_index(path: str, mtime_ns: int, size: int) -> Optional[list[tuple[st
         key, ext = base_plus_ext(name)
         if key is None or ext is None or os.path.basename(name).startswith("__"):
             continue
-        if not out or out[-1][0] != key:
+        # A file the key's sample already has starts a second sample with that key (as above).
+        again = bool(out) and out[-1][0] == key and any(e == ext.lower() for e, _, _ in out[-1][2])
+        if not out or out[-1][0] != key or again:
             if out:
                 done.add(out[-1][0])
-            out.append((key, key in done, []))
+            out.append((key, key in done and not again, []))
         out[-1][2].append((ext.lower(), offset, n))
     return out
 

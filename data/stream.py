@@ -21,9 +21,9 @@ from typing import Any, Optional
 
 import torch
 
-from data.config import DataConfig
+from data.config import DataConfig, source_specs
 from data.documents import Document, DocumentBuilder
-from data.format import BadSample
+from data.format import BadSample, DataError
 from data.packing import Packer, PackedRow, padding_row
 from data.shards import ShardStream
 from data.text_source import SyntheticTextStream
@@ -42,6 +42,7 @@ class VirtualStream:
         self.cfg, self.index = cfg, index
         self.tokenizer = tokenizer
         self.skipped: Counter = Counter()
+        self.bad_run: Counter = Counter()  # samples skipped in a row, per source
         self._quiet = False
         self.builder = DocumentBuilder(cfg, tokenizer, count=lambda kind: self._skip(kind, ""))
         self.sources = sources
@@ -96,13 +97,34 @@ class VirtualStream:
             if raw is None:
                 self.done.add(name)
                 continue
+            where = f"{raw.get('__url__')} sample {raw.get('__key__')!r}"
             try:
                 doc = self.builder.build(raw, name)
             except BadSample as e:
-                self._skip(e.kind, f"{raw.get('__url__')} sample {raw.get('__key__')!r}: {e}")
+                self._skip_sample(name, e.kind, f"{where}: {e}")
                 continue
+            except Exception as e:  # noqa: BLE001 - no sample may stop the run; each is counted
+                self._skip_sample(name, "sample_error", f"{where}: {type(e).__name__}: {e}")
+                continue
+            self.bad_run[name] = 0
             doc.ref = ref
             return doc
+
+    def _skip_sample(self, source: str, kind: str, message: str) -> None:
+        """Count a skipped sample; a source whose samples keep failing stops the run (an endless
+        source would otherwise loop through its bad samples forever without a row)."""
+        self._skip(kind, message)
+        self.bad_run[source] += 1
+        limit = self.cfg.max_consecutive_skips
+        if limit and self.bad_run[source] >= limit:
+            if self.sources[source][0] is None:  # synthetic text
+                given = f"data.name={self.cfg.name!r}"
+            else:
+                field = f"data.sources.{source}.shards" if self.cfg.sources else "data.shards"
+                given = f"{field}={source_specs(self.cfg)[source][0]!r}"
+            raise DataError(f"source {source!r} ({given}): {self.bad_run[source]} samples "
+                            f"in a row skipped (last: {kind}: {message}); check the data, or raise "
+                            f"data.max_consecutive_skips")
 
     def _doc_at(self, name: str, ref: dict, offset: int) -> Document:
         """The piece from ``offset`` of the document whose raw sample is at ``ref`` (resume)."""

@@ -92,6 +92,9 @@ check_config() {
   echo "${out%[\'\"]}"
 }
 
+# Whether a host name (or address) resolves here: torchrun would retry a bad one for minutes.
+resolves() { getent ahosts "$1" >/dev/null 2>&1; }
+
 is_dry_run() { [[ ${DRY_RUN:-0} != 0 && -n ${DRY_RUN:-} ]]; }
 
 main() {

@@ -4,9 +4,9 @@ sigmoid output gate produced by doubling the q projection."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from model.attention_backend import packed_attention
 from model.config import ModelConfig
 from model.context import SequenceContext
 from model.norm import RMSNorm
@@ -14,7 +14,8 @@ from model.rope import apply_rotary
 
 
 class GatedAttention(nn.Module):
-    """x [B, T, D] -> [B, T, D]; causal and block-diagonal over the packed documents of ctx."""
+    """x [B, T, D] -> [B, T, D]; causal and block-diagonal over the packed documents of ctx,
+    through the attention seam (model/attention_backend.py, `model.attn_backend`)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -32,6 +33,7 @@ class GatedAttention(nn.Module):
         # The KV heads this module attends with: all of them, unless a tensor-parallel plan with
         # more ranks than KV heads keeps only the one its query heads share.
         self.kv_heads = slice(None)
+        self.attn_backend = cfg.attn_backend
 
     def forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
         b, t, _ = x.shape
@@ -40,9 +42,13 @@ class GatedAttention(nn.Module):
         v = self.v_proj(x).view(b, t, -1, self.head_dim)[:, :, self.kv_heads]
         q = apply_rotary(self.q_norm(q), ctx.cos, ctx.sin)
         k = apply_rotary(self.k_norm(k), ctx.cos, ctx.sin)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=ctx.attention_mask(), enable_gqa=q.shape[2] != k.shape[2],
-        ).transpose(1, 2)  # [B, T, H, hd]
+        # The packed rows as one token stream: documents never cross a row boundary.
+        q, k, v = (x.reshape(b * t, x.shape[2], self.head_dim) for x in (q, k, v))
+        q_start, cu_seqlens = 0, ctx.cu_seqlens
+        if ctx.cp is not None:  # context parallel: this rank's queries against every rank's keys
+            k, v = ctx.cp.all_gather(torch.stack([k, v], dim=1)).unbind(1)  # one collective
+            q_start, cu_seqlens = ctx.cp.start, ctx.cp.cu_seqlens
+        out = packed_attention(q, k, v, cu_seqlens, causal=True, q_start=q_start,
+                               backend=self.attn_backend).view(b, t, self.num_heads, self.head_dim)
         out = out * torch.sigmoid(gate)
         return self.o_proj(out.reshape(b, t, -1))

@@ -13,6 +13,8 @@ from model.vision_config import VisionConfig
 
 FULL_ATTENTION = "full_attention"
 LINEAR_ATTENTION = "linear_attention"
+# model.attn_backend (model/attention_backend.py; named here so the schema needs no torch).
+ATTN_BACKENDS = ("auto", "sdpa", "flex", "varlen")
 
 
 class ConfigError(ValueError):
@@ -71,6 +73,9 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
+
+    # Attention kernels (model/attention_backend.py): auto | sdpa | flex | varlen.
+    attn_backend: str = "auto"
 
     # The vision tower (model/vision.py); None = a text-only model.
     vision: Optional[VisionConfig] = None
@@ -152,6 +157,8 @@ class ModelConfig:
                     "router_bias_update_rate"):
             need(getattr(self, fld) >= 0, fld, getattr(self, fld), "must be >= 0")
         need(self.mtp_num_layers >= 0, "mtp_num_layers", self.mtp_num_layers, "must be >= 0")
+        need(self.attn_backend in ATTN_BACKENDS, "attn_backend", self.attn_backend,
+             f"must be one of {list(ATTN_BACKENDS)}")
         need(self.rms_norm_eps > 0, "rms_norm_eps", self.rms_norm_eps, "must be > 0")
         if self.vision is not None:
             self.vision.validate(f"{prefix}.vision", vocab_size=self.vocab_size)

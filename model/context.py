@@ -1,13 +1,17 @@
 """Per-batch sequence bookkeeping passed through the decoder: document layout, rotary tables,
-attention mask and a collector for auxiliary losses. Built once per forward, read by every layer.
+the context-parallel slice (when the sequence is split across ranks) and a collector for
+auxiliary losses. Built once per forward, read by every layer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from model.context_parallel import CPSlice
 
 
 def segment_layout(cu_seqlens: torch.Tensor, batch: int, seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,13 +36,12 @@ def in_backward() -> bool:
 
 
 class _Accumulators:
-    """Mutable per-forward state (auxiliary losses, the cached mask). A plain object on purpose:
+    """Mutable per-forward state (auxiliary losses). A plain object on purpose:
     wrappers that rebuild a module's inputs (FSDP2 copies dataclasses, dicts and lists it finds in
     them) keep the reference, so every layer adds to the same sums."""
 
     def __init__(self):
         self.losses: dict[str, torch.Tensor] = {}
-        self.mask: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -47,6 +50,8 @@ class SequenceContext:
 
     cu_seqlens: [N+1] int64 document boundaries over the flattened B*T tokens.
     doc_ids, pos_in_doc: [B, T]. cos, sin: [B, T, rotary_dim] fp32.
+    cp: under context parallelism, this rank's slice of the token stream (model/context_parallel.py);
+    then B == 1, T is the slice's length and the fields above describe the slice alone.
     """
 
     cu_seqlens: torch.Tensor
@@ -54,6 +59,7 @@ class SequenceContext:
     pos_in_doc: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
+    cp: Optional["CPSlice"] = None
     state: _Accumulators = field(default_factory=_Accumulators)
 
     @property
@@ -67,15 +73,6 @@ class SequenceContext:
     @property
     def seqlen(self) -> int:
         return self.doc_ids.shape[1]
-
-    def attention_mask(self) -> torch.Tensor:
-        """[B, 1, T, T] bool: causal and block-diagonal over documents (True = attend)."""
-        if self.state.mask is None:
-            t = self.seqlen
-            causal = torch.ones(t, t, dtype=torch.bool, device=self.doc_ids.device).tril()
-            same_doc = self.doc_ids.unsqueeze(2) == self.doc_ids.unsqueeze(1)
-            self.state.mask = (same_doc & causal).unsqueeze(1)
-        return self.state.mask
 
     def add_aux_loss(self, name: str, value: torch.Tensor) -> None:
         """Adds a scalar to the sum `name`, once per forward: not again when activation

@@ -10,6 +10,7 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.context import SequenceContext
+from model.context_parallel import conv_halo, gated_delta_cp
 from model.norm import GatedRMSNorm, at_least_fp32
 from model.ops.gated_delta import chunk_gated_delta_rule
 
@@ -76,7 +77,13 @@ class GatedDeltaNet(nn.Module):
         # One convolution over the concatenated channels (the local heads under tensor parallelism).
         qkv = torch.cat([self.in_proj_q(x), self.in_proj_k(x), self.in_proj_v(x)], dim=-1)
         weight = torch.cat([self.conv_q.weight, self.conv_k.weight, self.conv_v.weight])
-        qkv = F.silu(causal_conv1d(qkv, weight, ctx.pos_in_doc))
+        if ctx.cp is None:
+            qkv = causal_conv1d(qkv, weight, ctx.pos_in_doc)
+        else:  # the window reaches into the previous rank's slice
+            width = weight.shape[-1] - 1
+            ext, pos = conv_halo(qkv, ctx.pos_in_doc, width, ctx.cp)
+            qkv = causal_conv1d(ext, weight, pos)[:, width:]
+        qkv = F.silu(qkv)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         # The kernel takes packed documents as B == 1 with cu_seqlens over all B*T tokens.
         q = q.reshape(1, b * t, self.num_k_heads, self.head_k_dim)
@@ -87,8 +94,12 @@ class GatedDeltaNet(nn.Module):
         a = at_least_fp32(self.in_proj_a(x))
         g = -self.A_log.to(a.dtype).exp() * F.softplus(a + self.dt_bias.to(a.dtype))
         g = g.reshape(1, b * t, self.num_v_heads)
-        o, _ = chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=ctx.cu_seqlens,
-                                      use_qk_l2norm_in_kernel=True)
+        if ctx.cp is None:
+            o, _ = chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=ctx.cu_seqlens,
+                                          use_qk_l2norm_in_kernel=True)
+        else:  # the state passed from the earlier ranks' slices
+            o = gated_delta_cp(chunk_gated_delta_rule, q, k, v, g, beta, ctx.cu_seqlens,
+                               bool(ctx.pos_in_doc[0, 0] > 0), ctx.cp)
         z = self.in_proj_z(x).view(b, t, self.num_v_heads, self.head_v_dim)
         o = self.norm(o.view(b, t, self.num_v_heads, self.head_v_dim), z)
         return self.out_proj(o.reshape(b, t, self.value_dim))

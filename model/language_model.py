@@ -11,9 +11,11 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.context import SequenceContext, segment_layout
+from model.context_parallel import (CPComm, CPSlice, flat_slice, local_cu_seqlens, report,
+                                    slice_layout, slice_range)
 from model.decoder import DecoderLayer, MTPBlock
 from model.init import draw_seed, init_model_
-from model.loss import TokenCrossEntropy, mean_over_labels
+from model.loss import TokenCrossEntropy
 from model.moe import TopKRouter
 from model.mrope import mrope_position_ids
 from model.norm import RMSNorm
@@ -76,9 +78,13 @@ class Qwen35LM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.mtp = nn.ModuleList(MTPBlock(cfg) for _ in range(cfg.mtp_num_layers))
         self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.resolved_mrope_section())
-        self.visual = VisionEncoder(cfg.vision, cfg.hidden_size) if cfg.vision is not None else None
+        self.visual = (VisionEncoder(cfg.vision, cfg.hidden_size, cfg.attn_backend)
+                       if cfg.vision is not None else None)
         self.token_ce = TokenCrossEntropy()
         self.num_moe_layers = sum(isinstance(m, TopKRouter) for m in self.modules())
+        # Context parallelism (parallel/context_parallel.py sets it): the CP group's collectives;
+        # each forward then runs this rank's slice of the micro-batch (model/context_parallel.py).
+        self.cp_comm: Optional[CPComm] = None
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         if self.embed_tokens.weight.device.type != "meta":
@@ -106,9 +112,13 @@ class Qwen35LM(nn.Module):
     def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
               image_grid_thw: Optional[torch.Tensor] = None,
               pixel_values_videos: Optional[torch.Tensor] = None,
-              video_grid_thw: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Token embeddings [B, T, D] with the merged visual tokens scattered into the pad positions."""
-        emb = self.embed_tokens(input_ids)
+              video_grid_thw: Optional[torch.Tensor] = None,
+              span: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Token embeddings [B, T, D] with the merged visual tokens scattered into the pad positions.
+        span (context parallelism): only the tokens [start, end) of the flattened stream, [1, L, D]
+        (zeros past its end); every image is still encoded, its tokens scattered where they fall."""
+        ids = input_ids if span is None else flat_slice(input_ids, *span)
+        emb = self.embed_tokens(ids)
         if self.visual is None:
             if pixel_values is not None or pixel_values_videos is not None:
                 raise ValueError(f"model {self.cfg.name!r} has no vision tower (model.vision is "
@@ -133,8 +143,12 @@ class Qwen35LM(nn.Module):
         feats = self.visual(torch.cat([p for p, _, _ in items]), torch.cat([g for _, g, _ in items]))
         sizes = [int(g.prod(-1).sum()) // v.merge_unit for _, g, _ in items]
         for part, (_, _, token_id) in zip(feats.split(sizes), items):
-            mask = (input_ids == token_id).unsqueeze(-1)
-            emb = emb.masked_scatter(mask, part.to(emb.dtype))
+            mask = input_ids == token_id
+            if span is not None:  # the visual tokens of this slice: those after the earlier pads
+                before = int(mask.flatten()[:span[0]].sum())
+                mask = flat_slice(mask, *span, fill=False)
+                part = part[before: before + int(mask.sum())]
+            emb = emb.masked_scatter(mask.unsqueeze(-1), part.to(emb.dtype))
         return emb
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
@@ -144,6 +158,9 @@ class Qwen35LM(nn.Module):
                 image_grid_thw: Optional[torch.Tensor] = None,
                 pixel_values_videos: Optional[torch.Tensor] = None,
                 video_grid_thw: Optional[torch.Tensor] = None) -> LMOutput:
+        if self.cp_comm is not None:
+            return self.forward_slice(input_ids, position_ids, cu_seqlens, labels, pixel_values,
+                                      image_grid_thw, pixel_values_videos, video_grid_thw)
         # Embed first: its placeholder-count check gives the clearest error for a bad batch.
         emb = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         ctx = self.build_context(input_ids, position_ids, cu_seqlens, image_grid_thw, video_grid_thw)
@@ -156,6 +173,102 @@ class Qwen35LM(nn.Module):
         mtp_emb = mtp_embeddings(self.embed_tokens, self.cfg, input_ids, labels, emb, len(self.mtp))
         return head_loss(self, h, input_ids, labels, ctx, mtp_emb, self.num_moe_layers)
 
+    def forward_slice(self, input_ids, position_ids, cu_seqlens, labels, pixel_values,
+                      image_grid_thw, pixel_values_videos, video_grid_thw) -> LMOutput:
+        """Context parallelism: the same arguments (the whole micro-batch, on every rank of the CP
+        group), computed on this rank's slice; the loss values are the whole micro-batch's, the
+        gradients this rank's share. Without labels: the logits of the slice, [1, L, V]."""
+        part = split_micro_batch(self.cfg, self.rotary, self.cp_comm, input_ids, position_ids,
+                                 cu_seqlens, labels, image_grid_thw, video_grid_thw, len(self.mtp))
+        emb = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos,
+                         video_grid_thw, span=part.span)
+        h = emb[:, :part.length]
+        for layer in self.layers:
+            h = layer(h, part.ctx)
+        if labels is None:
+            return LMOutput(logits=self.lm_head(self.norm(h)))
+        mtp_emb = slice_mtp_embeddings(self.embed_tokens, part, emb)
+        return head_loss(self, h, part.input_ids, part.labels, part.ctx, mtp_emb, self.num_moe_layers)
+
+
+@dataclass
+class MicroBatchSlice:
+    """One rank's part of a micro-batch under context parallelism (see `split_micro_batch`).
+    input_ids, labels (as `loss_labels` returns them): [1, L]; span: the tokens to embed, the
+    slice plus the MTP depth's lookahead; mtp: per depth (ids_k, use_visual_k), [1, L] each."""
+
+    ctx: SequenceContext
+    input_ids: torch.Tensor
+    labels: Optional[torch.Tensor]
+    span: tuple[int, int]
+    mtp: list
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.shape[1]
+
+
+def split_micro_batch(cfg: ModelConfig, rotary: RotaryEmbedding, comm: CPComm,
+                      input_ids: torch.Tensor, position_ids: Optional[torch.Tensor],
+                      cu_seqlens: Optional[torch.Tensor], labels: Optional[torch.Tensor],
+                      image_grid_thw: Optional[torch.Tensor] = None,
+                      video_grid_thw: Optional[torch.Tensor] = None,
+                      mtp_depth: int = 0) -> MicroBatchSlice:
+    """This CP rank's slice of a micro-batch input_ids [B, T] (model/context_parallel.py): what
+    crosses the slice's edges (document layout, M-RoPE positions, shifted MTP targets, the
+    after-vision split) is computed on the whole micro-batch first, then sliced."""
+    b, t = input_ids.shape
+    if cu_seqlens is None:
+        cu_seqlens = default_cu_seqlens(b, t, input_ids.device)
+    start, end = slice_range(b * t, comm.rank, comm.size)
+    doc_ids, pos_in_doc = slice_layout(cu_seqlens, b, t, start, end)
+    if position_ids is None:
+        position_ids = full_position_ids(cfg, input_ids, cu_seqlens, image_grid_thw, video_grid_thw)
+    if position_ids.dim() == 3:  # [3, B, T] -> [3, 1, L]
+        pos = position_ids.reshape(3, 1, -1)[:, :, start:end]
+    else:
+        pos = flat_slice(position_ids, start, end)
+    cos, sin = rotary(pos)
+    cp = CPSlice(comm=comm, start=start, end=end, total=b * t, cu_seqlens=cu_seqlens)
+    local_labels, mtp = None, []
+    if labels is not None:
+        labels = loss_labels(cfg, input_ids, labels)
+        local_labels = flat_slice(labels, start, end)
+        cp.mtp_targets = [flat_slice(x, start, end) for x in shift_targets(labels, mtp_depth)]
+        mtp = [(flat_slice(i, start, end), flat_slice(v, start, end))
+               for i, v in mtp_sources(cfg, input_ids, labels, mtp_depth)]
+        if cfg.vision is not None:
+            cp.after_vision = flat_slice(after_vision_mask(visual_token_mask(cfg, input_ids), cu_seqlens),
+                                         start, end)
+    ctx = SequenceContext(cu_seqlens=local_cu_seqlens(cu_seqlens, start, end), doc_ids=doc_ids,
+                          pos_in_doc=pos_in_doc, cos=cos, sin=sin, cp=cp)
+    return MicroBatchSlice(ctx=ctx, input_ids=flat_slice(input_ids, start, end), labels=local_labels,
+                           span=(start, end + mtp_depth), mtp=mtp)
+
+
+def slice_mtp_embeddings(embed_tokens: nn.Module, part: MicroBatchSlice, emb: torch.Tensor
+                         ) -> list[torch.Tensor]:
+    """`mtp_embeddings` of a slice: emb [1, L + depth, D] holds the slice's embeddings and the
+    lookahead's, where the visual tokens at i + k come from."""
+    out = []
+    for k, (ids_k, use_visual) in enumerate(part.mtp, start=1):
+        emb_k = embed_tokens(ids_k)
+        out.append(torch.where(use_visual.unsqueeze(-1), emb[:, k:k + part.length], emb_k))
+    return out
+
+
+def full_position_ids(cfg: ModelConfig, input_ids: torch.Tensor, cu_seqlens: torch.Tensor,
+                      image_grid_thw: Optional[torch.Tensor] = None,
+                      video_grid_thw: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The positions a batch without position_ids gets: M-RoPE (t, h, w) [3, B, T] from the tokens
+    and grids with vision, else the position in the document [B, T]."""
+    if cfg.vision is not None:
+        v = cfg.vision
+        return mrope_position_ids(
+            input_ids, image_grid_thw, video_grid_thw, cu_seqlens, image_token_id=v.image_token_id,
+            video_token_id=v.video_token_id, spatial_merge_size=v.spatial_merge_size)
+    return segment_layout(cu_seqlens, *input_ids.shape)[1]
+
 
 def build_sequence_context(cfg: ModelConfig, rotary: RotaryEmbedding, input_ids: torch.Tensor,
                            position_ids: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
@@ -166,13 +279,8 @@ def build_sequence_context(cfg: ModelConfig, rotary: RotaryEmbedding, input_ids:
     if cu_seqlens is None:
         cu_seqlens = default_cu_seqlens(b, t, input_ids.device)
     doc_ids, pos_in_doc = segment_layout(cu_seqlens, b, t)
-    if position_ids is None and cfg.vision is not None:
-        v = cfg.vision
-        position_ids = mrope_position_ids(
-            input_ids, image_grid_thw, video_grid_thw, cu_seqlens, image_token_id=v.image_token_id,
-            video_token_id=v.video_token_id, spatial_merge_size=v.spatial_merge_size)
-    elif position_ids is None:
-        position_ids = pos_in_doc
+    if position_ids is None:
+        position_ids = full_position_ids(cfg, input_ids, cu_seqlens, image_grid_thw, video_grid_thw)
     cos, sin = rotary(position_ids)
     return SequenceContext(cu_seqlens=cu_seqlens, doc_ids=doc_ids, pos_in_doc=pos_in_doc,
                            cos=cos, sin=sin)
@@ -202,16 +310,35 @@ def mtp_embeddings(embed_tokens: nn.Module, cfg: ModelConfig, input_ids: torch.T
     leaves the document. labels: [B, T] as `loss_labels` returns them. Computed where the
     embedding lives (under pipeline parallelism: the first stage, which sends them on)."""
     out = []
-    valid = torch.ones_like(labels, dtype=torch.bool)
+    for k, (ids_k, use_visual) in enumerate(mtp_sources(cfg, input_ids, labels, depth), start=1):
+        emb_k = embed_tokens(ids_k)
+        if cfg.vision is not None:
+            emb_k = torch.where(use_visual.unsqueeze(-1), shift_left(emb, k, 0.0), emb_k)
+        out.append(emb_k)
+    return out
+
+
+def shift_targets(labels: torch.Tensor, depth: int) -> list[torch.Tensor]:
+    """Per MTP depth k = 1..depth the target of position i, labels [B, T] -> [B, T] each: label
+    i+k while positions i..i+k-1 all have a label (the chain stays in the document), else -100."""
+    out, valid = [], torch.ones_like(labels, dtype=torch.bool)
+    for k in range(1, depth + 1):
+        valid = valid & (shift_left(labels, k - 1, -100) != -100)
+        out.append(torch.where(valid, shift_left(labels, k, -100), torch.full_like(labels, -100)))
+    return out
+
+
+def mtp_sources(cfg, input_ids: torch.Tensor, labels: torch.Tensor, depth: int
+                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per MTP depth k, (ids_k, use_visual_k) over [B, T]: the token id whose embedding position i
+    takes (0 where i+k leaves the document), and where it is instead the visual token at i+k (as
+    `mtp_embeddings` computes them)."""
+    out, valid = [], torch.ones_like(labels, dtype=torch.bool)
     visual = visual_token_mask(cfg, input_ids)
     for k in range(1, depth + 1):
         valid = valid & (shift_left(labels, k - 1, -100) != -100)
         ids_k = torch.where(valid, shift_left(input_ids, k, 0), torch.zeros_like(input_ids))
-        emb_k = embed_tokens(ids_k)
-        if cfg.vision is not None:
-            use_visual = (valid & shift_left(visual, k, False)).unsqueeze(-1)
-            emb_k = torch.where(use_visual, shift_left(emb, k, 0.0), emb_k)
-        out.append(emb_k)
+        out.append((ids_k, valid & shift_left(visual, k, False)))
     return out
 
 
@@ -223,18 +350,36 @@ def head_loss(m: nn.Module, h: torch.Tensor, input_ids: torch.Tensor, labels: to
     m holds `cfg`, `norm`, `lm_head`, `token_ce` and `mtp` (the model, or its last pipeline
     stage). labels: as `loss_labels` returns them; mtp_emb: from `mtp_embeddings`. The MoE losses
     are ctx's sums (a pipeline stage seeds them with the earlier stages' sums), averaged over all
-    `num_moe_layers` of the model.
+    `num_moe_layers` of the model. Under context parallelism (ctx.cp) every mean divides by the
+    whole micro-batch's count, so the ranks' losses are shares that add up to one process's; the
+    returned values are those sums (see model/context_parallel.py).
     """
-    cfg = m.cfg
+    cfg, cp = m.cfg, ctx.cp
     logits = m.lm_head(m.norm(h))
-    if cfg.vision is None:
-        ce = mean_over_labels(m.token_ce(logits, labels), labels)
-        out = LMOutput(ce=ce, num_tokens=int((labels != -100).sum()))
-    else:
-        out = multimodal_ce(m.token_ce, logits, labels, visual_token_mask(cfg, input_ids), ctx)
+    tok = m.token_ce(logits, labels)
+    valid = labels != -100
+    targets = shift_targets(labels, len(m.mtp)) if cp is None else cp.mtp_targets
+    after = None
+    if cfg.vision is not None:
+        after = (after_vision_mask(visual_token_mask(cfg, input_ids), ctx.cu_seqlens)
+                 if cp is None else cp.after_vision) & valid
+    # Every count the means divide by, over the whole micro-batch: one reduction under CP.
+    counts = [valid.sum()] + [(t != -100).sum() for t in targets]
+    if after is not None:
+        counts += [after.sum(), (valid & ~after).sum()]
+    counts = torch.stack(counts)
+    if cp is not None:
+        counts = cp.all_reduce(counts)
+    counts = counts.tolist()
+    out = LMOutput(ce=tok.sum() / max(counts[0], 1), num_tokens=counts[0])
+    if after is not None:
+        out.num_tokens_after_vision, out.num_tokens_text = counts[-2], counts[-1]
+        with torch.no_grad():
+            out.ce_after_vision = tok[after].sum() / max(counts[-2], 1)
+            out.ce_text = tok[valid & ~after].sum() / max(counts[-1], 1)
     loss = out.ce
     if len(m.mtp):
-        out.mtp_ce = mtp_loss(m, h, labels, ctx, mtp_emb)
+        out.mtp_ce = mtp_loss(m, h, targets, counts[1:1 + len(m.mtp)], ctx, mtp_emb)
         loss = loss + cfg.mtp_loss_coef * out.mtp_ce
     if num_moe_layers:
         aux = ctx.take_aux_losses()  # the context keeps no graph past the forward
@@ -244,43 +389,28 @@ def head_loss(m: nn.Module, h: torch.Tensor, input_ids: torch.Tensor, labels: to
         if cfg.router_z_loss_coef > 0:
             loss = loss + cfg.router_z_loss_coef * out.moe_z
     out.loss = loss
+    if cp is not None:
+        names = ("loss", "ce", "mtp_ce", "moe_aux", "moe_z", "ce_after_vision", "ce_text")
+        for name, value in report(cp, {n: getattr(out, n) for n in names}).items():
+            setattr(out, name, value)
     return out
 
 
-def multimodal_ce(token_ce: nn.Module, logits: torch.Tensor, labels: torch.Tensor,
-                  visual: torch.Tensor, ctx: SequenceContext) -> LMOutput:
-    """Mean CE (differentiable) plus its detached split into after-vision and text positions.
-    logits [B, T, V], labels and visual (pad mask) [B, T]."""
-    tok = token_ce(logits, labels)
-    valid = labels != -100
-    n = int(valid.sum())
-    out = LMOutput(ce=tok.sum() / max(n, 1), num_tokens=n)
-    with torch.no_grad():
-        after = after_vision_mask(visual, ctx.cu_seqlens) & valid
-        text = valid & ~after
-        out.num_tokens_after_vision, out.num_tokens_text = int(after.sum()), int(text.sum())
-        out.ce_after_vision = tok[after].sum() / max(out.num_tokens_after_vision, 1)
-        out.ce_text = tok[text].sum() / max(out.num_tokens_text, 1)
-    return out
-
-
-def mtp_loss(m: nn.Module, h: torch.Tensor, labels: torch.Tensor, ctx: SequenceContext,
-             mtp_emb: list[torch.Tensor]) -> torch.Tensor:
+def mtp_loss(m: nn.Module, h: torch.Tensor, targets: list[torch.Tensor], counts: list[int],
+             ctx: SequenceContext, mtp_emb: list[torch.Tensor]) -> torch.Tensor:
     """Mean over depths k = 1..D of the CE of predicting token i+k+1 at position i.
 
-    Position i is valid for depth k while i+k lies in the same document, i.e. none of
-    labels[i .. i+k-1] is -100; its input is mtp_emb[k-1] (see `mtp_embeddings`). Masked visual
-    labels also end the chain: conservative, since those targets are pads anyway.
-    m holds `mtp`, `lm_head` and `token_ce`.
+    targets[k-1] [B, T]: that token's label where position i is valid for depth k (i+k in the same
+    document: none of labels[i .. i+k-1] is -100), else -100 (`shift_targets`); counts[k-1]: the
+    number of such targets (over the whole micro-batch under CP). Its input is mtp_emb[k-1] (see
+    `mtp_embeddings`). Masked visual labels also end the chain: conservative, since those targets
+    are pads anyway. m holds `mtp`, `lm_head` and `token_ce`.
     """
-    valid = torch.ones_like(labels, dtype=torch.bool)
     total = 0.0
-    for k, (block, emb_k) in enumerate(zip(m.mtp, mtp_emb), start=1):
-        valid = valid & (shift_left(labels, k - 1, -100) != -100)
-        target = torch.where(valid, shift_left(labels, k, -100), torch.full_like(labels, -100))
+    for block, emb_k, target, n in zip(m.mtp, mtp_emb, targets, counts):
         h, normed = block(h, emb_k, ctx)
         logits = m.lm_head(normed)
-        total = total + mean_over_labels(m.token_ce(logits, target), target)
+        total = total + m.token_ce(logits, target).sum() / max(n, 1)
     return total / len(m.mtp)
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.context import SequenceContext, in_backward
+from model.context_parallel import moe_loss_shares
 from model.mlp import SwiGLU
 
 
@@ -115,8 +116,11 @@ GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Rows offs[e-1]:offs[e] of x times w[e]^T, for all experts e in one call.
 
-    x: [M, K], w: [E, N, K], offs: [E] int32 cumulative row counts -> [M, N] in x's dtype.
+    x: [M, K], w: [E, N, K], offs: [E] int32 cumulative row counts -> [M, N] in x's dtype, or in
+    the autocast dtype inside autocast.
     """
+    if torch.is_autocast_enabled(x.device.type):  # autocast casts matmuls but not grouped_mm
+        x = x.to(torch.get_autocast_dtype(x.device.type))
     w = w.to(x.dtype)
     if x.shape[0] == 0:  # no rows (an expert-parallel rank that received none); keeps w in the graph
         return x @ w[0].T
@@ -153,8 +157,13 @@ class SparseMoE(nn.Module):
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         # Computed in a recompute too (it must save what the forward saved); the context adds them
         # once per forward (SequenceContext.add_aux_loss).
-        ctx.add_aux_loss("moe_aux", switch_load_balancing_loss(probs, counts, self.top_k))
-        ctx.add_aux_loss("moe_z", logits.logsumexp(dim=-1).square().mean())
+        lse = logits.logsumexp(dim=-1)
+        if ctx.cp is None:
+            aux, z = switch_load_balancing_loss(probs, counts, self.top_k), lse.square().mean()
+        else:  # this rank's shares of the whole micro-batch's losses
+            aux, z = moe_loss_shares(probs, counts, lse, self.top_k, ctx.cp)
+        ctx.add_aux_loss("moe_aux", aux)
+        ctx.add_aux_loss("moe_z", z)
         return out.view(shape)
 
 

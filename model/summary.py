@@ -36,7 +36,7 @@ def summarize(name: str, seq_len: int = 4096) -> dict:
         "embedding_params": counts.embedding,
         "mtp_params": counts.mtp,
         "vision_params": counts.vision,
-        "train_flops_per_token": train_flops_per_token(cfg, seq_len, counts),
+        "train_flops_per_token": train_flops_per_token(cfg, seq_len),
         "seq_len_for_flops": seq_len,
     }
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import attention_backend
 from model.vision_config import VisionConfig
 from model.vision_processing import normalize_patches
 
@@ -45,30 +46,11 @@ def block_order_rows_cols(h: int, w: int, merge: int, device=None) -> tuple[torc
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     cu_seqlens: list[int]) -> torch.Tensor:
-    """Full (non-causal) attention inside each segment of a packed sequence.
-
-    q, k, v: [N, H, D]; cu_seqlens: N+1 boundaries as Python ints. -> [N, H, D].
-    Segments of equal length run as one batched SDPA call (a batch of 448x448 images, the frames
-    of a video), so the cost is that of the segments themselves: no padding to the largest one and
-    no N x N block-diagonal mask.
-    """
-    n, h, d = q.shape
-    if n == 0:  # no patch: an empty result that keeps the projections in the graph
-        return q + k + v
-    lengths = [b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:])]
-    if len(set(lengths)) == 1:  # the common case needs no gather
-        s, L = len(lengths), lengths[0]
-        qb, kb, vb = (x.view(s, L, h, d).transpose(1, 2) for x in (q, k, v))
-        return F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2).reshape(n, h, d)
-    out = q.new_empty(n, h, d)
-    starts = torch.tensor(cu_seqlens[:-1], device=q.device)
-    length_t = torch.tensor(lengths, device=q.device)
-    for L in sorted(set(lengths)):
-        idx = (starts[length_t == L, None] + torch.arange(L, device=q.device)).flatten()
-        qb, kb, vb = (x[idx].view(-1, L, h, d).transpose(1, 2) for x in (q, k, v))
-        out[idx] = F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2).reshape(-1, h, d)
-    return out
+                     cu_seqlens: list[int], backend: str = "auto") -> torch.Tensor:
+    """Full (non-causal) attention inside each segment of a packed sequence, through the model's
+    attention seam (model/attention_backend.py: equal-length segments batch into one SDPA call, no
+    N x N block-diagonal mask). q, k, v: [N, H, D]; cu_seqlens: N+1 boundaries as Python ints."""
+    return attention_backend.packed_attention(q, k, v, cu_seqlens, causal=False, backend=backend)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -104,9 +86,10 @@ class VisionRotary(nn.Module):
 class VisionAttention(nn.Module):
     """x [N, D] -> [N, D]: multi-head attention with qkv bias, 2D rotary, within segments."""
 
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, attn_backend: str = "auto"):
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.attn_backend = attn_backend
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
 
@@ -118,7 +101,7 @@ class VisionAttention(nn.Module):
         cos, sin = cos[:, None], sin[:, None]
         q = (q.float() * cos + rotate_half(q.float()) * sin).to(v.dtype)
         k = (k.float() * cos + rotate_half(k.float()) * sin).to(v.dtype)
-        out = packed_attention(q, k, v, cu_seqlens)
+        out = packed_attention(q, k, v, cu_seqlens, self.attn_backend)
         return self.proj(out.reshape(n, self.num_heads * self.head_dim))
 
 
@@ -136,11 +119,11 @@ class VisionMLP(nn.Module):
 class VisionBlock(nn.Module):
     """Pre-LayerNorm ViT block. x [N, D] -> [N, D]."""
 
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, attn_backend: str = "auto"):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.attn = VisionAttention(cfg)
+        self.attn = VisionAttention(cfg, attn_backend)
         self.mlp = VisionMLP(cfg)
 
     def forward(self, x, cos, sin, cu_seqlens: list[int]) -> torch.Tensor:
@@ -182,13 +165,13 @@ class VisionEncoder(nn.Module):
     visual tokens [N/4, out_hidden_size], items concatenated in grid_thw order (item i contributes
     t*h*w/4 rows)."""
 
-    def __init__(self, cfg: VisionConfig, out_hidden_size: int):
+    def __init__(self, cfg: VisionConfig, out_hidden_size: int, attn_backend: str = "auto"):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg)
         self.pos_embed = nn.Embedding(cfg.num_position_embeddings, cfg.hidden_size)
         self.rotary_pos_emb = VisionRotary(cfg.head_dim, cfg.rope_theta)
-        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(VisionBlock(cfg, attn_backend) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg, out_hidden_size)
 
     def position_embeddings(self, grids: list[tuple[int, int, int]]) -> torch.Tensor:

@@ -34,6 +34,15 @@ of parallel/ as they are applied by `parallel.plan.parallelize`, for one micro-b
 - the vision plan (`parallel/vision_plan.py`), balanced over tp: one all-gather of the merged
   embeddings per forward (tp x the largest share's rows, as `assign_items` splits the images) and
   the ViT gradients' all-reduce over tp in 64 MiB buckets (this rank's FSDP shards under FSDP).
+- CP (`model/context_parallel.py`, `parallel/context_parallel.py`), every rank holding N/cp of the
+  micro-batch's tokens (which is also what TP, EP and the CE above move per rank): per attention
+  layer (decoder and MTP) one all-gather of the slice's stacked K and V (cp x N/cp x 2 x the local
+  KV heads x head_dim), per Gated DeltaNet layer two all-gathers of sizes independent of N (the
+  conv halo, cp x (kernel-1) x the local q/k/v channels; the [S0 | M] summaries, cp x local value
+  heads x K x (V + K) in at least fp32), each with an all-reduce of the same bytes in backward (the
+  gathers' backward); per MoE call the [E] expert counts (all-reduce, at least fp32); per
+  micro-batch the loss counts (int64) and the reported loss values (one all-reduce each); the
+  trainer's expert load summed over cp. Activation checkpointing repeats a layer's forward gathers.
 - the trainer: the token total, the logged loss sums, the per-modality sums, the expert load
   (float64 all-reduces over the data-parallel ranks) and the gradient norms (one float64 scalar
   all-reduce per mesh dimension of each kind of gradient sharding: FSDP, FSDP x TP sharded,
@@ -48,7 +57,7 @@ check counted == analytic on the CPU layouts): EP rows under uniform routing unl
 (dropless: a capacity factor sends fewer); activations in the FSDP param dtype (the CE's exchanges
 stay fp32); group labels follow `mesh_group_labels` on the assumption that only a dimension
 spanning the whole world shares its process group with another (the default group). Not modelled:
-gradient accumulation (FSDP collectives per micro-batch, trainer scalars per step), pp and cp.
+gradient accumulation (FSDP collectives per micro-batch, trainer scalars per step) and pp.
 """
 
 from __future__ import annotations
@@ -67,7 +76,7 @@ from parallel.layout import Layout
 
 # comm_count's role names -> parallel.layout.GROUP_AXES kinds (Layout.group gives the ranks)
 ROLE_GROUPS = {"dp_shard": "fsdp", "dp_replicate": "dp_replicate", "tp": "tp", "ep": "ep",
-               "expert_dp": "expert_fsdp", "dp": "loss", "vision": "vision"}
+               "expert_dp": "expert_fsdp", "dp": "loss", "vision": "vision", "cp": "cp"}
 VISION_BUCKET_BYTES = 64 << 20   # reduce_vision_grads' default bucket
 SCALAR_BYTES = 8                 # float64: sum_over and the grad-norm partial sums
 
@@ -93,6 +102,10 @@ class StepSpec:
     def tokens(self) -> int:
         return self.rows * self.seq_len
 
+    def local_tokens(self, cp: int) -> int:
+        """Tokens of this rank's slice of the micro-batch under context parallelism."""
+        return self.tokens // cp
+
     def recomputed(self, layer: int) -> bool:
         """Whether decoder layer `layer` runs its forward again in backward (as
         parallel/activation_checkpoint.py chooses; MTP blocks are never checkpointed)."""
@@ -113,7 +126,7 @@ class EPTraffic:
 
 @dataclass
 class Collective:
-    source: str        # fsdp | tp | ep | vision | trainer
+    source: str        # fsdp | tp | ep | vision | cp | trainer
     kind: str          # comm_count.KINDS
     group: str         # label, as comm_count.mesh_group_labels names it
     n: int             # group size
@@ -134,7 +147,7 @@ class Collective:
 
 @dataclass
 class Groups:
-    """Group sizes and labels of a layout, as parallel/mesh.py builds them (cp = pp = 1)."""
+    """Group sizes and labels of a layout, as parallel/mesh.py builds them (pp = 1)."""
 
     layout: Layout
     sizes: dict[str, int] = field(default_factory=dict)
@@ -144,14 +157,16 @@ class Groups:
     def of(cls, L: Layout) -> "Groups":
         sizes = {"dp_shard": L.dp_shard * L.cp, "dp_replicate": L.dp_replicate, "tp": L.tp,
                  "ep": L.ep, "expert_dp": L.dp_shard_mod_ep if L.ep > 1 else 1, "dp": L.dp,
-                 "vision": L.tp * L.cp}
+                 "vision": L.tp, "cp": L.cp}
         g = cls(L, sizes)
         # A dimension spanning the world is the default group: those share one label.
         world_roles = [r for r in PRIMARY_ROLES if sizes[r] == L.world and L.world > 1]
         for r in PRIMARY_ROLES:
             g.labels[r] = "+".join(world_roles) if r in world_roles else r
-        g.labels["dp"] = g.labels["dp_shard"] if L.dp_replicate == 1 else "dp"
+        # The loss group is FSDP's shard group unless HSDP or CP make it a group of its own.
+        g.labels["dp"] = g.labels["dp_shard"] if L.dp_replicate == 1 and L.cp == 1 else "dp"
         g.labels["vision"] = g.labels["tp"]
+        g.labels["cp"] = "+".join(world_roles) if L.cp == L.world and world_roles else "cp"
         return g
 
     def coll(self, source: str, kind: str, role: str, payload: int, calls: int = 1) -> Collective:
@@ -242,7 +257,7 @@ def tp_collectives(cfg: ModelConfig, L: Layout, g: Groups, spec: StepSpec) -> li
     if L.tp == 1:
         return []
     fsdp = L.dp_shard * L.cp * L.dp_replicate > 1
-    a = spec.tokens * cfg.hidden_size * spec.param_bytes          # one [B, T, D] activation
+    a = spec.local_tokens(L.cp) * cfg.hidden_size * spec.param_bytes  # one [B, T, D] activation
     grad_bytes = spec.param_bytes if fsdp else spec.master_bytes  # unsharded weight gradients
     ag = rs = ar = 0
     small: list[int] = []                                         # weight-gradient all-reduces
@@ -267,7 +282,7 @@ def tp_collectives(cfg: ModelConfig, L: Layout, g: Groups, spec: StepSpec) -> li
     ag += 2                             # layer 0's input (bwd), the last layer's output (fwd)
     uses = 1 + cfg.mtp_num_layers       # embedding + LM head + CE: main, then each MTP depth
     ar += 2 * uses                      # embedding output (fwd), LM-head input grad (bwd)
-    ce = spec.tokens * 4                # [B, T] fp32: max, sum of exp, target logit
+    ce = spec.local_tokens(L.cp) * 4    # [B, T] fp32: max, sum of exp, target logit
     out = [g.coll("tp", "all_gather", "tp", a, ag), g.coll("tp", "reduce_scatter", "tp", a, rs),
            g.coll("tp", "all_reduce", "tp", a, ar), g.coll("tp", "all_reduce", "tp", ce, 3 * uses)]
     for size, count in sorted(_count(small).items()):
@@ -295,7 +310,7 @@ def ep_collectives(cfg: ModelConfig, L: Layout, g: Groups, spec: StepSpec,
     row_calls = 4 * calls + 2 * again   # dispatch + combine, forward + backward (+ recompute)
     if traffic is None:  # uniform routing: each rank sends and receives N*k rows, (P-1)/P abroad
         row = cfg.hidden_size * spec.param_bytes
-        rows = row_calls * spec.tokens * k
+        rows = row_calls * spec.local_tokens(L.cp) * k
         rows_sent = Fraction(rows * (P - 1), P)
         tokens = Collective("ep", "all_to_all", g.labels["ep"], P, 0, row_calls,
                             sent=rows_sent * row, payload_all=rows * row, role="ep")
@@ -308,7 +323,7 @@ def ep_collectives(cfg: ModelConfig, L: Layout, g: Groups, spec: StepSpec,
 
 def vision_collectives(cfg: ModelConfig, params: list[Param], L: Layout, g: Groups,
                        spec: StepSpec) -> list[Collective]:
-    if cfg.vision is None or L.tp * L.cp == 1 or spec.vision_plan != "balanced":
+    if cfg.vision is None or L.tp == 1 or spec.vision_plan != "balanced":
         return []
     from parallel.vision_plan import assign_items
 
@@ -323,7 +338,7 @@ def vision_collectives(cfg: ModelConfig, params: list[Param], L: Layout, g: Grou
                               L.tp * max_rows * cfg.hidden_size * spec.param_bytes))
     # reduce_vision_grads: this rank's gradient shards (FSDP) or whole gradients, 64 MiB buckets
     n = L.dp_shard * L.cp if L.dp_shard * L.cp * L.dp_replicate > 1 else 1
-    rank = spec.rank // (L.tp * L.cp) % n if n > 1 else 0
+    rank = spec.rank // L.tp % n if n > 1 else 0   # its index in the dp_shard x cp group
     bucket, buckets = 0, []
     for p in params:
         if p.unit != "visual":
@@ -336,6 +351,53 @@ def vision_collectives(cfg: ModelConfig, params: list[Param], L: Layout, g: Grou
         buckets.append(bucket)
     for size, count in sorted(_count(buckets).items()):
         out.append(g.coll("vision", "all_reduce", "vision", size, count))
+    return out
+
+
+def cp_collectives(cfg: ModelConfig, L: Layout, g: Groups, spec: StepSpec) -> list[Collective]:
+    if L.cp == 1:
+        return []
+    from parallel.spec import cp_modules
+
+    n, act = spec.local_tokens(L.cp), spec.param_bytes
+    summary = max(act, 4)                       # fp32 at least: GDN summaries, MoE counts, losses
+    roles = cp_modules(meta_model(cfg))         # which modules exchange what, by parallel/spec.py
+
+    def layer_of(name: str) -> Optional[int]:   # decoder layer index (MTP blocks: None)
+        return int(name.split(".")[1]) if name.startswith("layers.") else None
+    kv_heads = max(cfg.num_key_value_heads // L.tp, 1)
+    kv = L.cp * n * 2 * kv_heads * cfg.head_dim * act
+    channels = (2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim
+                + cfg.linear_num_value_heads * cfg.linear_value_head_dim) // L.tp
+    halo = L.cp * (cfg.linear_conv_kernel_dim - 1) * channels * act
+    kd, vd = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    state = L.cp * (cfg.linear_num_value_heads // L.tp) * kd * (vd + kd) * summary
+    out = []
+
+    def calls(role: str) -> tuple[int, int]:
+        """(forward calls, recomputed ones) of the modules with cp role `role`."""
+        names = roles[role]
+        again = sum(layer_of(m) is not None and spec.recomputed(layer_of(m)) for m in names)
+        return len(names), again
+
+    def gathers(payload: int, role: str) -> None:
+        fwd, again = calls(role)
+        if fwd:
+            out.append(g.coll("cp", "all_gather", "cp", payload, fwd + again))
+            out.append(g.coll("cp", "all_reduce", "cp", payload, fwd))   # their backward
+
+    gathers(kv, "kv_gather")
+    gathers(halo, "state_passing")
+    gathers(state, "state_passing")
+    fwd, again = calls("loss_shares")
+    if fwd:
+        out.append(g.coll("cp", "all_reduce", "cp", cfg.num_experts * summary, fwd + again))
+    counts = 1 + cfg.mtp_num_layers + (2 if cfg.vision is not None else 0)
+    values = 2 + (cfg.mtp_num_layers > 0) + 2 * (cfg.mlp_type == "moe") + 2 * (cfg.vision is not None)
+    out.append(g.coll("cp", "all_reduce", "cp", counts * 8))              # the loss counts
+    out.append(g.coll("cp", "all_reduce", "cp", values * summary))        # the reported losses
+    if spec.trainer and cfg.mlp_type == "moe":                            # the expert load
+        out.append(g.coll("cp", "all_reduce", "cp", cfg.num_experts * moe_calls(cfg) * spec.master_bytes))
     return out
 
 
@@ -387,14 +449,13 @@ def _count(sizes: list[int]) -> dict[int, int]:
 def predict(cfg: ModelConfig, layout: Layout, spec: StepSpec,
             ep_traffic: Optional[EPTraffic] = None) -> list[Collective]:
     """Every collective of one step on rank `spec.rank`, grouped (calls > 1 for repeats)."""
-    if layout.pp != 1 or layout.cp != 1:
-        raise ValueError("comm_model: pipeline and context parallelism are not modelled "
-                         f"(layout pp={layout.pp}, cp={layout.cp})")
+    if layout.pp != 1:
+        raise ValueError(f"comm_model: pipeline parallelism is not modelled (layout pp={layout.pp})")
     g = Groups.of(layout)
     params = local_params(cfg, layout)
     out = (fsdp_collectives(params, layout, g, spec) + tp_collectives(cfg, layout, g, spec)
            + ep_collectives(cfg, layout, g, spec, ep_traffic)
-           + vision_collectives(cfg, params, layout, g, spec))
+           + vision_collectives(cfg, params, layout, g, spec) + cp_collectives(cfg, layout, g, spec))
     if spec.trainer:
         out += trainer_collectives(cfg, params, layout, g)
     return out
@@ -413,7 +474,7 @@ def predict_table(cfg: ModelConfig, layout: Layout, spec: StepSpec,
 
 
 def by_source(collectives: list[Collective]) -> dict[str, Fraction]:
-    """Bytes sent per plan (fsdp, tp, ep, vision, trainer)."""
+    """Bytes sent per plan (fsdp, tp, ep, vision, cp, trainer)."""
     out: dict[str, Fraction] = defaultdict(Fraction)
     for c in collectives:
         out[c.source] += c.sent_total()

@@ -39,7 +39,9 @@ class ParallelConfig:
     # first and last may be 0: they also carry the embedding + vision tower and the norm + LM head +
     # MTP). null = an even split.
     pp_layers_per_stage: Optional[List[int]] = None
-    cp: int = 1                 # context parallel (not yet; the mesh dimension is kept)
+    # Context parallel: each micro-batch's tokens split into cp contiguous slices, one per rank
+    # (model/context_parallel.py); composes with tp, ep, FSDP and pp.
+    cp: int = 1
     # FSDP2 compute dtype: auto = bf16 on GPU, fp32 on CPU (exact comparisons); reduce and master
     # weights stay fp32.
     param_dtype: str = "auto"           # auto | bf16 | fp32

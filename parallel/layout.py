@@ -38,8 +38,11 @@ GROUP_AXES = {
     "fsdp": ("dp_shard_mod_ep", "dp_shard_in_ep", "cp"),      # the shard dim (HSDP adds dp_replicate)
     "ep": ("dp_shard_in_ep", "cp"),
     "expert_fsdp": ("dp_shard_mod_ep",),                       # the shard dim (HSDP adds dp_replicate)
-    "loss": ("dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep", "cp"),
-    "vision": ("cp", "tp"),
+    # cp ranks hold whole micro-batch losses (model/context_parallel.py), as tp ranks do.
+    "loss": ("dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep"),
+    # Every cp rank encodes its micro-batch's images (before the sequence is split), its share
+    # of them over the tp group.
+    "vision": ("tp",),
 }
 
 
@@ -138,7 +141,6 @@ def validate_layout(parallel: ParallelConfig, model: ModelConfig, world_size: in
     _check_knobs(p)
     if p.pp > 1:
         _check_pipeline(p, model, grad_accum)
-    need(p.cp == 1, f"parallel.cp={p.cp}: not yet supported (context parallelism); use parallel.cp=1")
     # Rules of the model alone first: they hold whatever the world size.
     if p.tp > 1:
         for fld, why in _tp_split_fields(model):
@@ -152,6 +154,16 @@ def validate_layout(parallel: ParallelConfig, model: ModelConfig, world_size: in
             need(seq_len % p.tp == 0,
                  f"parallel.tp={p.tp}: must divide data.seq_len={seq_len} (sequence parallelism "
                  f"splits every row's tokens across tensor-parallel ranks)")
+
+    if p.cp > 1 and seq_len is not None:
+        need(seq_len % (p.cp * p.tp) == 0,
+             f"parallel.cp={p.cp}: parallel.cp*tp = {p.cp}*{p.tp} must divide data.seq_len={seq_len} "
+             f"(context parallelism gives each rank an equal slice of every micro-batch's tokens, "
+             f"which sequence parallelism splits again over tp)")
+        halo = model.linear_conv_kernel_dim - 1
+        need(seq_len // p.cp >= halo,
+             f"parallel.cp={p.cp}: data.seq_len/cp = {seq_len // p.cp} must be >= "
+             f"model.linear_conv_kernel_dim-1 = {halo} (the convolution's halo comes from one rank)")
 
     if p.ep > 1:
         moe = any(model.layer_is_moe(i) for i in range(model.num_layers))
@@ -187,6 +199,10 @@ def validate_layout(parallel: ParallelConfig, model: ModelConfig, world_size: in
              f"parallel.pp_schedule={p.pp_schedule!r}: zero-bubble schedules do not compose with "
              f"FSDP or tensor parallelism (data-parallel size {layout.dp}{resolved}, parallel.tp="
              f"{p.tp}); use 1f1b or interleaved_1f1b there")
+        need(p.cp == 1,
+             f"parallel.pp_schedule={p.pp_schedule!r}: zero-bubble schedules do not compose with "
+             f"context parallelism (parallel.cp={p.cp}: FSDP shards the parameters over the cp "
+             f"ranks); use 1f1b or interleaved_1f1b there")
 
     if p.ep > 1:
         need(layout.dp_shard_cp % p.ep == 0,
@@ -339,7 +355,9 @@ def layout_table(layout: Layout, model: ModelConfig, vision_plan: str = "balance
 
     rows = [
         ("tp", tp, "tp", tp_what),
-        ("cp", L.cp, "cp", "- (context parallel not yet)" if L.cp == 1 else "sequence split"),
+        ("cp", L.cp, "cp", "- (whole sequences)" if L.cp == 1 else
+         "each micro-batch's tokens in cp contiguous slices: attention all-gathers K/V, Gated "
+         "DeltaNet passes its state (one summary per layer), the loss sums the slices' shares"),
         ("dp_shard", L.dp_shard, "dp_shard",
          "FSDP shards parameters, gradients, optimizer state; each rank its own data"),
         ("dp_replicate", L.dp_replicate, "dp_replicate",
@@ -352,7 +370,9 @@ def layout_table(layout: Layout, model: ModelConfig, vision_plan: str = "balance
         ("expert fsdp", L.dp_shard_mod_ep, "expert_fsdp",
          "-" if not moe else f"expert parameters sharded over dp_shard x cp / ep{rep}" if ep > 1
          else "- (ep 1: experts sharded over fsdp with the rest)"),
-        ("vision", tp * L.cp, "vision", vis_what),
+        ("vision", tp, "vision", vis_what + ("; every cp rank encodes its micro-batch's images and "
+                                             "keeps its slice's visual tokens" if L.cp > 1 and
+                                             m.vision is not None else "")),
     ]
     head = (f"parallel layout: world {L.world} = pp {L.pp} x dp_replicate {L.dp_replicate} x dp_shard "
             f"{L.dp_shard} x cp {L.cp} x tp {tp}, ep {ep} (rank order: tp fastest, then cp, dp_shard, "

@@ -20,15 +20,16 @@ parameter padded to ceil(dim0 / n) rows as FSDP2 does):
                  transient (parallel/memory_activations.py gives each module's saved bytes):
                  decoder layers (a checkpointed layer keeps only its input [N/tp, D]; the
                  recompute of the largest checkpointed layer comes back in its backward), the
-                 attention mask [B, 1, T, T], the final norm + LM head + fp32 CE (log-softmax
+                 gathered K/V under cp, the final norm + LM head + fp32 CE (log-softmax
                  [N, V/tp] saved; the transient is its gradient and the logits' gradient), MTP
                  depths, the ViT. In-flight: 1 without pipelining; 1F1B min(m, pp - r) on pp rank
                  r; gpipe m; interleaved schedules their warm-up depth in stage chunks.
     peak       = params + optimizer + max(backward: acts + fsdp + grads held then,
                                           optimizer step: grads + the foreach temporaries)
 
-Held during backward: the LM head's gradient; all gradients from the second micro-batch of an
-accumulation (or pipeline) on. `worst_rank` takes the maximum over pipeline stages.
+Gradients held during backward: without accumulation, those already made (the LM head's, then
+each layer's from the last down, while the layers below still hold their activations); all of
+them from the second micro-batch of an accumulation (or pipeline) on. `worst_rank` takes the maximum over pipeline stages.
 tests/test_memory.py checks the estimate against parallel/memory_tracker.py on CPU (fp32, with
 and without activation checkpointing, MoE and dense) to within 15%.
 """
@@ -167,12 +168,17 @@ def estimate_memory(cfg: ModelConfig, L: Layout, spec: MemorySpec, rank: int = 0
 
     # ---- parameters, gradients, optimizer, FSDP buffers
     units: dict[str, list[int]] = {}     # unit -> [sharded elements, full local elements]
+    layer_shard: dict[int, int] = {}     # decoder layer -> its sharded elements
     for p in held:
         n = expert_n if p.unit.endswith(".experts") else fsdp_n
         rest = math.prod(p.shape[1:]) if len(p.shape) > 1 else 1
+        sharded = math.ceil(p.shape[0] / n) * rest if p.shape else 1
         u = units.setdefault(p.unit, [0, 0])
-        u[0] += math.ceil(p.shape[0] / n) * rest if p.shape else 1
+        u[0] += sharded
         u[1] += math.prod(p.shape)
+        if p.name.startswith("layers."):
+            i = int(p.name.split(".")[1])
+            layer_shard[i] = layer_shard.get(i, 0) + sharded
     shard = sum(u[0] for u in units.values())
     full = sum(u[1] for u in units.values())
     fsdp = fsdp_n > 1
@@ -187,6 +193,12 @@ def estimate_memory(cfg: ModelConfig, L: Layout, spec: MemorySpec, rank: int = 0
     else:                       # the LM head's gradient is made while its logits' grad lives
         head = next((p for p in held if p.name == "lm_head.weight"), None)
         grads_held = math.prod(head.shape) * spec.grad_bytes if head else 0
+    # Gradients already made when layer i's backward runs: without accumulation they grow from
+    # the head down (the last layers' while the first layers' activations still live).
+    made, running = {}, grads - sum(layer_shard.values()) * spec.grad_bytes   # head, norms, embed
+    for i in reversed(layers):
+        made[i] = grads_held if accumulating else running
+        running += layer_shard.get(i, 0) * spec.grad_bytes
     if fsdp:
         biggest = max((u[1] for k, u in units.items() if k != "root"), default=0)
         root = units.get("root", [0, 0])[1]
@@ -199,7 +211,8 @@ def estimate_memory(cfg: ModelConfig, L: Layout, spec: MemorySpec, rank: int = 0
         buffers = full * spec.act_bytes if spec.act_bytes < spec.master_bytes else 0
 
     # ---- activations of one micro-batch on this rank's stages
-    s = ActShape(tokens=spec.micro_batch * spec.seq_len, seq_len=spec.seq_len, tp=L.tp,
+    # Under context parallelism the layers see this rank's slice of the micro-batch.
+    s = ActShape(tokens=spec.micro_batch * spec.seq_len // L.cp, seq_len=spec.seq_len, tp=L.tp,
                  sp=spec.sequence_parallel and L.tp > 1, a=spec.act_bytes,
                  gdn_kernel=spec.gdn_kernel, attention_kernel=spec.attention_kernel,
                  gdn_pad=spec.gdn_pad)
@@ -207,8 +220,10 @@ def estimate_memory(cfg: ModelConfig, L: Layout, spec: MemorySpec, rank: int = 0
     kept = {i: layer_input_bytes(cfg, s) if spec.checkpointed(i) else per_layer[i] for i in layers}
     types = cfg.resolved_layer_types()
     other = 2 * s.tokens * cfg.rotary_dim * 4                 # cos, sin
-    if any(types[i] == "full_attention" for i in layers) or (last and cfg.mtp_num_layers):
-        other += s.tokens * s.seq_len                         # the [B, 1, T, T] bool mask
+    if L.cp > 1:  # each attention layer saves the all-gathered K and V of the whole micro-batch
+        attn = sum(types[i] == "full_attention" for i in layers) + (cfg.mtp_num_layers if last else 0)
+        kv_heads = max(1, cfg.num_key_value_heads // L.tp)
+        other += attn * s.tokens * L.cp * 2 * kv_heads * cfg.head_dim * s.a
     if first:
         other += vision_bytes(cfg, spec.image_patches, spec.act_bytes)
     head_saved = head_transient = 0
@@ -222,15 +237,17 @@ def estimate_memory(cfg: ModelConfig, L: Layout, spec: MemorySpec, rank: int = 0
     # (last first) holds the layers below it, its own activations (recomputed when checkpointed)
     # and about half as much again in gradients.
     peak = saved + head_transient
+    with_grads = peak + grads_held
     below = other
     for i in layers:
         peak = max(peak, below + per_layer[i] * 3 // 2)
+        with_grads = max(with_grads, below + per_layer[i] * 3 // 2 + made[i])
         below += kept[i]
-    acts = int(earlier + peak)
-    if L.pp > 1:
-        acts += 2 * s.residual_tokens * cfg.hidden_size * spec.act_bytes   # p2p send/recv
+    with_grads = max(with_grads, other + (grads_held if accumulating else grads))
+    p2p = 2 * s.residual_tokens * cfg.hidden_size * spec.act_bytes if L.pp > 1 else 0
+    acts = int(earlier + peak) + p2p
 
-    backward = acts + buffers + grads_held
+    backward = int(earlier + with_grads) + p2p + buffers
     step = grads + (max(params, grads) if spec.foreach_optimizer else 0)
     peak = params + optimizer + max(backward, step)
     return MemoryEstimate(params, grads, optimizer, acts, buffers, peak, rank, pp_rank,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from model.attention_backend import BLOCK_TOKENS
 from model.config import ModelConfig
 from model.ops.gated_delta_chunk import CHUNK_SIZE
 
@@ -20,7 +21,7 @@ class ActShape:
     """Token counts and dtypes of one micro-batch on one rank."""
 
     tokens: int             # N = rows x seq_len: what the mixers and the MoE see (gathered under SP)
-    seq_len: int            # T: the attention mask is [B, 1, T, T]
+    seq_len: int            # T
     tp: int = 1
     sp: bool = True         # sequence parallel: the residual stream and the norms hold N / tp
     a: int = 2              # activation bytes
@@ -51,6 +52,9 @@ def attention_bytes(cfg: ModelConfig, s: ActShape) -> int:
     out += n * hq * (hd * a + 4)                                     # SDPA output + logsumexp
     if s.attention_kernel == "cpu":
         out += n * 3 * hq * hd * a  # CPU kernel: k, v expanded to the query heads, a contiguous q
+        # The sdpa backend's masks of blocks of short documents (at most BLOCK_TOKENS queries and
+        # keys each), which the CPU kernel keeps as additive masks in the activation dtype.
+        out += n * BLOCK_TOKENS * a
     out += 2 * n * hq * hd * a                                       # sigmoid(gate), o_proj input
     return out
 

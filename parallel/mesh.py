@@ -39,10 +39,11 @@ class Meshes:
     # FSDP2's mesh for routed-expert parameters under EP: dp_shard_mod_ep (2-D with dp_replicate
     # under HSDP). None when ep == 1: experts are then sharded over `fsdp` like everything else.
     expert_fsdp: DeviceMesh | None
-    # The group the balanced vision plan splits a micro-batch's images over: the TP group.
+    # The group the balanced vision plan splits a micro-batch's images over: the TP group (every
+    # cp rank encodes the micro-batch's images, then keeps the visual tokens of its slice).
     vision: DeviceMesh | None
-    # Where per-rank loss values are averaged for logging: the dp (x cp) ranks. tp ranks hold equal
-    # values, so they are left out.
+    # Where per-rank loss values are summed for logging: the dp ranks. tp and cp ranks hold equal
+    # values (whole micro-batch losses), so they are left out.
     loss: DeviceMesh
     dp_rank: int                        # what the data loader is given; equal across tp and cp
     dp_size: int
@@ -103,8 +104,8 @@ def build_meshes(layout: Layout, device_type: str) -> Meshes:
         tp=tp,
         ep=join(("dp_shard_in_ep", "cp"), "ep") if split else None,
         expert_fsdp=with_replicate(world["dp_shard_mod_ep"]) if split else None,
-        vision=join(("cp", "tp"), "cp_tp"),
-        loss=join(("dp_replicate",) + shard_axes, "dp_cp"),
+        vision=tp,
+        loss=join(("dp_replicate",) + shard_axes[:-1], "dp"),
         dp_rank=layout.dp_rank(rank),
         dp_size=layout.dp,
         pp=join(("pp",), "pp"),

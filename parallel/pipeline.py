@@ -199,6 +199,11 @@ class PipelineRunner(StepRunner):
         sum over micro-batches of weight * value for loss, ce (+ mtp_ce, moe_aux, moe_z); modality
         (vision models) = {"ce_after_vision": [CE x tokens, tokens], "ce_text": [...]}.
         """
+        return self._gather_records(micro_batches, self.forward_backward(micro_batches, total_tokens))
+
+    def forward_backward(self, micro_batches: list[dict], total_tokens: int) -> list[torch.Tensor]:
+        """`step` without reading the results (the rehearsal runs it on fake tensors). -> the
+        micro-batches' weights."""
         m = self.num_microbatches
         if len(micro_batches) != m:
             raise ValueError(f"PipelineRunner.step: got {len(micro_batches)} micro-batches, the "
@@ -224,7 +229,7 @@ class PipelineRunner(StepRunner):
         if self.timing:
             self.times.step_s = time.perf_counter() - t0
             self.times.busy_s = sum(t1 - ta for _, _, _, ta, t1 in self.times.actions)
-        return self._gather_records(micro_batches, weights)
+        return weights
 
     def _run(self, arg_mbs, kwarg_mbs, target_mbs) -> None:
         # What Schedule.step() does after splitting one batch along dim 0: here the micro-batches
@@ -285,6 +290,10 @@ class PipelineRunner(StepRunner):
                 load[self._router_rows[id(r)]] += r.tokens_per_expert
                 r.tokens_per_expert.zero_()
         dist.all_reduce(load, group=self.group)
+        if self.meshes.cp is not None:  # the slices' counts: the whole micro-batches'
+            from parallel.context_parallel import sum_over_cp
+
+            load = sum_over_cp(load, self.meshes.cp)
         return load.cpu()
 
     @torch.no_grad()

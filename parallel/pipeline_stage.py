@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from model.language_model import (Qwen35LM, build_sequence_context, head_loss, loss_labels,
-                                  mtp_embeddings)
+                                  mtp_embeddings, slice_mtp_embeddings, split_micro_batch)
 
 from parallel.spec import QWEN35_SPEC, ModuleSpec, stage_role, top_level_stages
 
@@ -60,6 +60,7 @@ class PipelineStageModule(nn.Module):
     forward(*carried, input_ids, labels, position_ids=None, cu_seqlens=None, pixel_values=None,
     image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None):
       carried: first stage (input_ids [B, T],); others (h, [aux,] *mtp_emb) from the previous stage
+      (h and mtp_emb [1, B*T/cp, D] under context parallelism)
       -> (h, [aux,] *mtp_emb) to the next stage, or on the last stage the micro-batch's loss (a
       scalar, as Qwen35LM.forward's `loss`); its detached parts are appended to `self.records`.
     """
@@ -86,6 +87,9 @@ class PipelineStageModule(nn.Module):
                 setattr(self, name, part if held or part is None else _absent(part))
         self.num_moe_layers = model.num_moe_layers
         self.mtp_depth = len(model.mtp)
+        # Context parallelism: every stage runs this rank's slice of each micro-batch, and the
+        # carried tensors are the slice's, [1, B*T/cp, D].
+        self.cp_comm = model.cp_comm
         self.act_dtype = act_dtype
         # The MoE losses are summed in at least fp32, as the router computes them.
         self.aux_dtype = torch.promote_types(act_dtype, torch.float32)
@@ -109,13 +113,24 @@ class PipelineStageModule(nn.Module):
                 pixel_values_videos: Optional[torch.Tensor] = None,
                 video_grid_thw: Optional[torch.Tensor] = None):
         with self.forward_context():
+            part = None
+            if self.cp_comm is not None:
+                part = split_micro_batch(self.cfg, self.rotary, self.cp_comm, input_ids, position_ids,
+                                         cu_seqlens, labels, image_grid_thw, video_grid_thw,
+                                         self.mtp_depth)
             if self.is_first:
                 emb = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos,
-                                 video_grid_thw)
-            ctx = build_sequence_context(self.cfg, self.rotary, input_ids, position_ids, cu_seqlens,
-                                         image_grid_thw, video_grid_thw)
-            labels = loss_labels(self.cfg, input_ids, labels)
-            if self.is_first:
+                                 video_grid_thw, span=None if part is None else part.span)
+            if part is None:
+                ctx = build_sequence_context(self.cfg, self.rotary, input_ids, position_ids,
+                                             cu_seqlens, image_grid_thw, video_grid_thw)
+                labels = loss_labels(self.cfg, input_ids, labels)
+            else:
+                ctx, input_ids, labels = part.ctx, part.input_ids, part.labels
+            if self.is_first and part is not None:
+                h = emb[:, :part.length]
+                mtp_emb = slice_mtp_embeddings(self.embed_tokens, part, emb)
+            elif self.is_first:
                 h = emb
                 mtp_emb = mtp_embeddings(self.embed_tokens, self.cfg, input_ids, labels, emb,
                                          self.mtp_depth)
@@ -159,12 +174,18 @@ class PipelineStageModule(nn.Module):
         """Meta tensors with the shapes and dtypes of `carried` for micro-batches of [rows, seqlen]."""
         if self.is_first:
             return (torch.empty(rows, seqlen, dtype=torch.long, device="meta"),)
-        return _carried_examples(self, rows, seqlen)
+        return _carried_examples(self, *self.carried_shape(rows, seqlen))
 
     def example_outputs(self, rows: int, seqlen: int) -> tuple[torch.Tensor, ...]:
         if self.is_last:
             return (torch.empty((), dtype=self.aux_dtype, device="meta", requires_grad=True),)
-        return _carried_examples(self, rows, seqlen)
+        return _carried_examples(self, *self.carried_shape(rows, seqlen))
+
+    def carried_shape(self, rows: int, seqlen: int) -> tuple[int, int]:
+        """[rows, tokens] of the carried tensors: the micro-batch's, or under CP this rank's slice."""
+        if self.cp_comm is None:
+            return rows, seqlen
+        return 1, rows * seqlen // self.cp_comm.size
 
 
 def _carried_examples(stage: PipelineStageModule, rows: int, seqlen: int) -> tuple[torch.Tensor, ...]:

@@ -7,6 +7,7 @@ on the meta device (or whole, for tests), for every layout:
   2. tensor + sequence parallelism by the TP roles of parallel/spec.py (head counts per rank, the
      vocab-parallel CE swapped in);
   3. the vision plan (the encoder's class gains the balanced forward);
+  3b. context parallelism: the model's CP seam gets the cp group's collectives;
   4. activation checkpointing per decoder layer (by global layer index);
   5. under pp > 1: the cut into this rank's stages by the spec's stage roles, with TP hooks at the
      new stage boundaries;
@@ -53,6 +54,10 @@ def apply_module_plans(model: Qwen35LM, meshes, pcfg: ParallelConfig,
         from parallel.vision_plan import apply_vision_plan
 
         apply_vision_plan(model, meshes.vision, pcfg.vision.name)
+    if meshes.cp is not None:
+        from parallel.context_parallel import apply_context_parallel
+
+        apply_context_parallel(model, meshes.cp)
     apply_activation_checkpoint(model.layers, pcfg.activation_checkpoint, pcfg.selective_ac_every,
                                 ac_context_fn)
 

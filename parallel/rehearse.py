@@ -6,19 +6,20 @@
 
 The process group is torch's fake backend (every collective returns at once, moving nothing), the
 model is built on the meta device, the meshes and every plan of the layout are applied by the same
-code the trainer runs (`parallelize`; pp > 1 is refused: the pipeline's first step exchanges
-pickled shape metadata between stages, which a fake group cannot deliver), and the parameters are
+code the trainer runs (`parallelize`, pipeline stages included), and the parameters are
 materialised as fake tensors (the trainer's `materialize`, allocation only, under FakeTensorMode:
-shapes, dtypes and storages, no memory). Then one step runs on a synthetic batch of
-data.batch_size x data.seq_len: forward, loss, backward, AdamW. parallel/memory_tracker.py counts
+shapes, dtypes and storages, no memory). Then one step runs through the trainer's step runner on
+train.grad_accum synthetic micro-batches of data.batch_size x data.seq_len (with pp > 1, through
+this rank's stages by the pipeline schedule): forward, loss, backward, AdamW. parallel/memory_tracker.py counts
 the bytes of the live storages: what this rank would hold on its GPU, without the allocator's
 fragmentation, the CUDA context or the communication libraries' buffers. The reported peak is the
 steady state's: the first step's forward and backward plus the optimizer state that later steps
 carry through them.
 
 Precision: as on the GPU when `train.autocast` / `parallel.param_dtype` are `auto` (bf16 compute,
-FSDP gathers in bf16, fp32 master weights, gradients and AdamW state); the step runs on a fake CPU
-device, so no CUDA is needed.
+FSDP gathers in bf16, fp32 master weights, gradients and AdamW state, and the fused AdamW kernel
+the trainer uses on CUDA, which needs no parameter-sized temporaries); the step runs on a fake
+CPU device, so no CUDA is needed.
 
 Values are fake, so whatever reads them to the host must not: batch metadata (document boundaries,
 label counts, image grids) are fake tensors carrying their real values (FakeTensorMode's constant
@@ -34,6 +35,7 @@ One rehearsal per process: torch's DTensor caches keep meshes of the fake group 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -168,8 +170,9 @@ def rehearse(overrides: list[str], world_size: int, rank: int = 0) -> RehearsalR
     """Build, shard, materialise (fake) and run one step as rank `rank` of `world_size`."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from model.language_model import VISUAL_KEYS, Qwen35LM
+    from model.language_model import Qwen35LM
     from parallel.materialize import materialize
+    from parallel.layout import pipeline_microbatches
     from parallel.mesh import build_meshes, validate_layout
     from parallel.plan import parallelize
     from train.fp8_policy import apply_precision, fp8_amax_group
@@ -187,13 +190,8 @@ def rehearse(overrides: list[str], world_size: int, rank: int = 0) -> RehearsalR
             del os.environ["WORLD_SIZE"]
         else:
             os.environ["WORLD_SIZE"] = saved
-    layout = validate_layout(cfg.parallel, cfg.model, world_size, cfg.data.seq_len)
-    if layout.pp > 1:
-        # torch.distributed.pipelining infers the stages' shapes at the first step by sending
-        # pickled metadata between stages (recv_object_list): a fake process group delivers none.
-        raise ValueError(f"parallel.pp={layout.pp}: the rehearsal runs pp=1 layouts only (the "
-                         f"pipeline's first step exchanges shape metadata, which the fake process "
-                         f"group cannot deliver)")
+    layout = validate_layout(cfg.parallel, cfg.model, world_size, cfg.data.seq_len,
+                             grad_accum=cfg.train.grad_accum)
     if dist.is_initialized():
         dist.destroy_process_group()
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
@@ -217,7 +215,10 @@ def rehearse(overrides: list[str], world_size: int, rank: int = 0) -> RehearsalR
             raise ValueError(f"precision.backend={cfg.precision.backend}: the rehearsal runs without FP8")
         # The trainer's path: the plans in parallelize's order, then this rank's shards
         # materialised and initialised (on fake tensors: shapes, no memory).
-        runner = parallelize(model, meshes, cfg.parallel, gpu)
+        runner = parallelize(model, meshes, cfg.parallel, gpu,
+                             num_microbatches=pipeline_microbatches(cfg.parallel, cfg.train.grad_accum))
+        runner.device = device  # the plans resolved `auto` for the GPU; the step runs on fake CPU
+        runner.set_forward_context(lambda: autocast(device, amp_dtype))
         model = runner.model
         with fake:
             materialize(model, device, cfg.train.seed, values=False)
@@ -227,17 +228,13 @@ def rehearse(overrides: list[str], world_size: int, rank: int = 0) -> RehearsalR
         build_s = time.perf_counter() - t_start
 
         t_step = time.perf_counter()
-        batch = synthetic_batch(cfg, meshes.dp_rank)
-        with fake, LiveBytes(params, model.buffers()) as mem:
-            optimizer = build_optimizer(model, cfg.train)
-            visual = {k: batch[k] for k in VISUAL_KEYS if batch.get(k) is not None}
-            mem.mark("forward")
-            with autocast(device, amp_dtype):
-                out = model(batch["input_ids"], position_ids=batch["position_ids"],
-                            cu_seqlens=batch["cu_seqlens"], labels=batch["labels"], **visual)
-            mem.mark("backward")
-            out.loss.backward()
-            del out
+        batches = [synthetic_batch(cfg, meshes.dp_rank * cfg.train.grad_accum + i)
+                   for i in range(cfg.train.grad_accum)]
+        total_tokens = meshes.dp_size * sum(b["num_tokens"] for b in batches)
+        with fake, LiveBytes(params, model.buffers()) as mem, _static_pipeline_votes():
+            optimizer = build_optimizer(model, cfg.train, fused=True)  # as on the GPU
+            mem.mark("forward and backward")
+            runner.forward_backward(batches, total_tokens)
             fwd_bwd_peak = mem.peak
             grads_bytes = tensor_bytes(grads(params))
             mem.mark("optimizer")
@@ -257,9 +254,26 @@ def rehearse(overrides: list[str], world_size: int, rank: int = 0) -> RehearsalR
         batch=[cfg.data.batch_size, cfg.data.seq_len], params_numel=params_numel,
         params_bytes=params_bytes, grads_bytes=grads_bytes, optimizer_bytes=optimizer_bytes,
         activations_peak_bytes=peak - params_bytes - grads_bytes - optimizer_bytes, peak_bytes=peak,
-        images=0 if batch.get("image_grid_thw") is None else len(batch["image_grid_thw"]),
+        images=sum(0 if b.get("image_grid_thw") is None else len(b["image_grid_thw"]) for b in batches),
         wall_s=wall, build_s=build_s, step_s=step_s,
         max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+@contextlib.contextmanager
+def _static_pipeline_votes():
+    """torch.distributed.pipelining's stages vote at their first step, over point-to-point sends,
+    on whether their static shapes suffice or shapes must be inferred by exchanging pickled
+    metadata. A fake group delivers neither. parallel/pipeline.py gives every stage its input and
+    output shapes (plain tensors), so on a real group the vote is always "static": cast that vote."""
+    from torch.distributed.pipelining.stage import PipelineStage
+
+    vote = lambda self, *args, **kwargs: torch.ones(1, dtype=torch.int32)  # noqa: E731
+    saved = PipelineStage._warmup_forward_vote, PipelineStage._warmup_backward_result
+    PipelineStage._warmup_forward_vote = PipelineStage._warmup_backward_result = vote
+    try:
+        yield
+    finally:
+        PipelineStage._warmup_forward_vote, PipelineStage._warmup_backward_result = saved
 
 
 def _layout_line(layout) -> str:

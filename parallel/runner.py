@@ -47,6 +47,10 @@ class StepRunner:
         losses, modality (vision models) = {"ce_after_vision": [CE x tokens, tokens], "ce_text": ...})."""
         raise NotImplementedError
 
+    def forward_backward(self, micro_batches: list[dict], total_tokens: int):
+        """`step` without reading its results to the host (the rehearsal runs it on fake tensors)."""
+        raise NotImplementedError
+
     def sum_dp(self, values: list[float]) -> list[float]:
         """Sum over the data-parallel ranks (tensor-parallel ranks hold the same values)."""
         return sum_over(values, self.meshes.loss if self.meshes is not None else None)
@@ -65,8 +69,14 @@ class StepRunner:
         return global_grad_norm(params)
 
     def collect_expert_load(self) -> Optional[torch.Tensor]:
-        """[num_moe_layers, E] token counts of this rank's batches since the last call."""
-        return collect_expert_load(self.model)
+        """[num_moe_layers, E] token counts of this rank's micro-batches since the last call
+        (under CP, of the whole micro-batches: the slices' counts summed over the cp group)."""
+        load = collect_expert_load(self.model)
+        if load is None or self.meshes is None or self.meshes.cp is None:
+            return load
+        from parallel.context_parallel import sum_over_cp
+
+        return sum_over_cp(load, self.meshes.cp)
 
     def update_router_bias(self, load: torch.Tensor, rate: float) -> None:
         update_router_bias(self.model, load, rate)
@@ -84,9 +94,11 @@ class StepRunner:
 class LocalRunner(StepRunner):
     """The micro-batches one after the other through the whole model (gradient accumulation)."""
 
-    def step(self, micro_batches: list[dict], total_tokens: int) -> tuple[dict[str, float], dict[str, list]]:
-        sums: dict[str, float] = {}
-        modality = {"ce_after_vision": [0.0, 0], "ce_text": [0.0, 0]}  # [CE x tokens, tokens]
+    def forward_backward(self, micro_batches: list[dict], total_tokens: int) -> list[tuple[float, dict]]:
+        """Forward and backward of the micro-batches without reading a value to the host (the
+        rehearsal runs it on fake tensors). -> per micro-batch (weight, {name: detached value or
+        token count}) for `step` to read."""
+        records = []
         fsdp = hasattr(self.model, "set_requires_gradient_sync")
         for i, b in enumerate(micro_batches):
             if fsdp:  # reduce-scatter the gradients once, after the last micro-batch
@@ -96,17 +108,26 @@ class LocalRunner(StepRunner):
             visual = {k: b[k].to(self.device) for k in VISUAL_KEYS if b.get(k) is not None}
             with self.forward_context():
                 out = self.model(b["input_ids"].to(self.device),
-                                 position_ids=b["position_ids"].to(self.device),
+                                 position_ids=None if b.get("position_ids") is None  # M-RoPE
+                                 else b["position_ids"].to(self.device),                # from grids
                                  cu_seqlens=b["cu_seqlens"].to(self.device),
                                  labels=b["labels"].to(self.device), **visual)
             (out.loss * weight).backward()
+            names = LOGGED + ("ce_after_vision", "ce_text", "num_tokens_after_vision", "num_tokens_text")
+            records.append((weight, {n: v.detach() if isinstance(v, torch.Tensor) else v
+                                     for n in names if (v := getattr(out, n)) is not None}))
+        return records
+
+    def step(self, micro_batches: list[dict], total_tokens: int) -> tuple[dict[str, float], dict[str, list]]:
+        sums: dict[str, float] = {}
+        modality = {"ce_after_vision": [0.0, 0], "ce_text": [0.0, 0]}  # [CE x tokens, tokens]
+        for weight, rec in self.forward_backward(micro_batches, total_tokens):
             for name in LOGGED:
-                value = getattr(out, name)
-                if value is not None:
-                    sums[name] = sums.get(name, 0.0) + weight * value.detach().float().item()
-            for name, n in (("ce_after_vision", out.num_tokens_after_vision),
-                            ("ce_text", out.num_tokens_text)):
-                if getattr(out, name) is not None and n:
-                    modality[name][0] += getattr(out, name).float().item() * n
+                if name in rec:
+                    sums[name] = sums.get(name, 0.0) + weight * rec[name].float().item()
+            for name, n in (("ce_after_vision", rec.get("num_tokens_after_vision")),
+                            ("ce_text", rec.get("num_tokens_text"))):
+                if name in rec and n:
+                    modality[name][0] += rec[name].float().item() * n
                     modality[name][1] += n
         return sums, modality

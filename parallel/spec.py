@@ -18,6 +18,10 @@ Each row says, for the modules whose qualified name (in the unparallelised `Qwen
 - `fp8`: `never` (not a GEMM the FP8 backends swap: a lookup, the fp32 router, a convolution),
   `sensitive` (a GEMM kept in BF16 by default: precision.exclude starts from these patterns) or
   None (eligible, subject to precision.include / keep_first_n / keep_last_n);
+- `cp`: what a module exchanges over the context-parallel group (model/context_parallel.py):
+  `kv_gather` (all-gathers its K and V), `state_passing` (the conv halo and the state summaries of
+  Gated DeltaNet), `loss_shares` (the MoE balancing loss's expert counts); parallel/comm_model.py
+  counts the CP collectives from these rows;
 - `swap`: what the plan changes at run time besides placements (a class, a head count, a
   dispatcher), so the order of those changes is written down with `parallelize`.
 
@@ -46,6 +50,7 @@ EP_ROLES = ("experts",)
 FSDP_ROLES = ("unit", "expert_unit")
 STAGES = ("first", "layers", "last", "every")
 FP8_ROLES = ("never", "sensitive")
+CP_ROLES = ("kv_gather", "state_passing", "loss_shares")
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ class ModuleSpec:
     fsdp: Optional[str] = None
     stage: Optional[str] = None
     fp8: Optional[str] = None
+    cp: Optional[str] = None
     swap: str = ""
 
     def matches(self, name: str, module=None) -> bool:
@@ -119,6 +125,10 @@ QWEN35_SPEC: tuple[ModuleSpec, ...] = (
     ModuleSpec("*.shared_expert_gate", fp8="sensitive"),
     ModuleSpec("*.conv*", fp8="sensitive"),
     ModuleSpec("*norm*", fp8="sensitive"),
+    # Context parallelism: the mixers (decoder and MTP layers) and the MoE blocks.
+    ModuleSpec("*.self_attn", kind="GatedAttention", cp="kv_gather"),
+    ModuleSpec("*.linear_attn", kind="GatedDeltaNet", cp="state_passing"),
+    ModuleSpec("*.mlp", kind="SparseMoE", cp="loss_shares"),
 )
 
 
@@ -153,6 +163,16 @@ def top_level_stages(spec: tuple[ModuleSpec, ...] = QWEN35_SPEC) -> list[tuple[s
     """(name, stage role) of every top-level module the spec names, in pipeline order."""
     return [(r.pattern, r.stage) for r in spec
             if r.stage is not None and "." not in r.pattern and "*" not in r.pattern]
+
+
+def cp_modules(model, spec: tuple[ModuleSpec, ...] = QWEN35_SPEC) -> dict[str, list[str]]:
+    """{cp role: names of the modules of `model` (meta will do) that hold it}, in model order."""
+    out: dict[str, list[str]] = {role: [] for role in CP_ROLES}
+    for name, m in model.named_modules():
+        role = lookup(spec, name, m, "cp") if name else None
+        if role is not None:
+            out[role].append(name)
+    return out
 
 
 def fp8_role(name: str, module, spec: tuple[ModuleSpec, ...] = QWEN35_SPEC) -> Optional[str]:
@@ -209,7 +229,7 @@ def validate(spec: tuple[ModuleSpec, ...] = QWEN35_SPEC) -> None:
     """Raise ValueError for a row naming an unknown role."""
     for row in spec:
         for attr, allowed in (("tp", TP_ROLES), ("ep", EP_ROLES), ("fsdp", FSDP_ROLES), ("stage", STAGES),
-                              ("fp8", FP8_ROLES)):
+                              ("fp8", FP8_ROLES), ("cp", CP_ROLES)):
             value = getattr(row, attr)
             if value is not None and value not in allowed:
                 raise ValueError(f"parallel.spec row {row.pattern!r}: {attr}={value!r} is not one "

@@ -139,8 +139,7 @@ def _comm_bytes(cfg: ModelConfig, L: Layout, s: MemorySpec, ac: str) -> float:
     if L.pp > 1:
         p2p = 2 * s.micro_batch * s.seq_len * cfg.hidden_size * s.act_bytes // L.tp
         sent = sent / L.pp + p2p * s.grad_accum
-    else:
-        sent *= 1   # grad_accum > 1: FSDP collectives repeat per micro-batch; not modelled
+    # grad_accum > 1 without pp: the FSDP collectives that repeat per micro-batch are not modelled.
     return sent
 
 

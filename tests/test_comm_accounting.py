@@ -1,8 +1,8 @@
 """Collective accounting: the counting mode (parallel/comm_count.py) on collectives whose bytes are
 known by hand (cross-checked against torch's CommDebugMode), then counted == analytic
 (parallel/comm_model.py) on every rank for a whole training step of the tiny multimodal model (with
-an MTP block) under dp_shard=2, tp=2 (+ the balanced vision plan), ep=2, and with activation
-checkpointing, on 2 gloo ranks."""
+an MTP block) under dp_shard=2, tp=2 (+ the balanced vision plan), ep=2, cp=2, and with
+activation checkpointing, on 2 gloo ranks."""
 
 from __future__ import annotations
 
@@ -67,6 +67,9 @@ LAYOUTS = {                                          # name: (parallel sizes, vi
     # process: a second one there finds the first one's size-1 expert_dp group in its expert
     # DTensors' mesh (torch caches meshes), which mesh_group_labels cannot name.
     "ep2-ac": ({"dp_shard": 2, "ep": 2, "activation_checkpoint": "selective"}, "balanced"),
+    # CP: K/V gathers, GDN halos and summaries, MoE counts, loss reductions; selective AC repeats
+    # the forward gathers of layers 1 and 3.
+    "cp2-ac": ({"cp": 2, "activation_checkpoint": "selective"}, "balanced"),
 }
 
 

@@ -31,6 +31,15 @@ def test_default_and_smoke_compose():
     ("train.schedule=linear", ["train.schedule='linear'", "cosine"]),
     ("data.seq_len=1", ["data.seq_len=1", ">= 2"]),
     ("model.linear_num_value_heads=3", ["model.linear_num_value_heads=3", "linear_num_key_heads"]),
+    # '+' adds a key past the schema; it used to be dropped without a word.
+    ("+train.anything=1", ["train.anything", "not a config field"]),
+    ("+anything=1", ["anything", "not a config field"]),
+    ("+parallel.vision.spread=1", ["parallel.vision.spread", "not a config field"]),
+    ("+data.sources={web: {shards: /a.tar, wieght: 2}}", ["wieght"]),
+    # Shards without data=webdataset: the run used to train on synthetic text instead.
+    ("data.shards=/d/shard-000000.tar", ["data.shards='/d/shard-000000.tar'", "data=webdataset"]),
+    ("+data.sources={web: {shards: /a.tar}}", ["data.sources=['web']", "data=webdataset"]),
+    ("train.max_consecutive_bad_steps=0", ["train.max_consecutive_bad_steps=0", ">= 1"]),
 ])
 def test_bad_values_name_field_value_and_rule(override, expected):
     with pytest.raises(ConfigError) as e:

@@ -147,6 +147,21 @@ def test_moe_grouped_matches_loop(tiny_cfg):
     torch.testing.assert_close(gw, rw)
 
 
+def test_grouped_matmul_follows_autocast():
+    """autocast casts matmuls but not grouped_mm: the experts' GEMMs cast themselves, as a linear
+    layer would be cast (bf16 on the GPU when no FSDP mixed precision casts the weights)."""
+    from model.moe import grouped_matmul
+
+    x, w = torch.randn(6, 8), torch.randn(2, 4, 8)
+    offs = torch.tensor([2, 6], dtype=torch.int32)
+    assert grouped_matmul(x, w, offs).dtype == torch.float32
+    with torch.autocast("cpu", torch.bfloat16):
+        y = grouped_matmul(x, w, offs)
+    assert y.dtype == torch.bfloat16
+    ref = torch.cat([x[:2].bfloat16() @ w[0].bfloat16().T, x[2:].bfloat16() @ w[1].bfloat16().T])
+    torch.testing.assert_close(y, ref)
+
+
 def test_switch_loss_is_one_when_balanced_and_larger_when_not():
     probs = torch.full((8, 4), 0.25)
     counts = torch.tensor([4, 4, 4, 4])

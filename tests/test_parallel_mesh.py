@@ -60,7 +60,9 @@ def check(world=4, model=MODEL, seq_len=256, **parallel):
     (dict(ep=2, model=replace(MODEL, mlp_type="dense")), "parallel.ep=2: needs an MoE model"),
     (dict(pp=2, model=replace(MODEL, num_layers=3)),
      "model.num_layers=3: must be divisible by parallel.pp * pp_virtual_stages = 2*1 = 2 stages"),
-    (dict(cp=2), "parallel.cp=2: not yet supported"),
+    (dict(cp=2, seq_len=255), "parallel.cp=2: parallel.cp*tp = 2*1 must divide data.seq_len=255 "
+                              "(context parallelism gives each rank an equal slice"),
+    (dict(world=2, cp=2, ep=4), "parallel.ep=4: must divide parallel.dp_shard*cp = 1*2 = 2"),
     (dict(param_dtype="fp16"), "parallel.param_dtype='fp16': must be one of 'auto', 'bf16', 'fp32'"),
     (dict(activation_checkpoint="some"), "parallel.activation_checkpoint='some': must be one of 'none'"),
     (dict(selective_ac_every=0), "parallel.selective_ac_every=0: must be >= 1"),
@@ -142,6 +144,8 @@ LAYOUTS = {
     "tp2_ep2": Layout(world=4, dp_shard=2, tp=2, ep=2),
     "hsdp2x2_ep2": Layout(world=4, dp_replicate=2, dp_shard=2, ep=2),
     "dp4_ep2": Layout(world=4, dp_shard=4, ep=2),
+    "cp2_dp2": Layout(world=4, dp_shard=2, cp=2),
+    "cp2_ep2": Layout(world=4, dp_shard=2, cp=2, ep=2),
 }
 
 
@@ -161,7 +165,7 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
     for name, layout in LAYOUTS.items():
         m = build_meshes(layout, "cpu")
         res = {k: _ranks(getattr(m, k)) for k in
-               ("fsdp", "tp", "ep", "expert_fsdp", "vision", "loss")}
+               ("fsdp", "tp", "ep", "expert_fsdp", "vision", "loss", "cp")}
         res.update(dp_rank=m.dp_rank, dp_size=m.dp_size, world_dims=list(m.world.mesh_dim_names),
                    fsdp_dims=list(m.fsdp.mesh_dim_names))
         # The groups are real: a sum over each 1-D mesh's group sees exactly its members.
@@ -231,6 +235,16 @@ def test_meshes_follow_megatron_rank_order(mesh_results):
     assert [x["ep"] for x in r] == [[0, 1], [0, 1], [2, 3], [2, 3]]
     assert [x["expert_fsdp"] for x in r] == [[0, 2], [1, 3], [0, 2], [1, 3]]
     assert [x["fsdp"] for x in r] == [[0, 1, 2, 3]] * 4
+
+    r = [res["cp2_dp2"] for res in mesh_results]
+    assert [x["cp"] for x in r] == [[0, 1], [0, 1], [2, 3], [2, 3]]     # cp after tp, before dp
+    assert [x["fsdp"] for x in r] == [[0, 1, 2, 3]] * 4                 # FSDP over dp_shard x cp
+    assert [x["loss"] for x in r] == [[0, 2], [1, 3], [0, 2], [1, 3]]   # cp ranks hold whole losses
+    assert [x["dp_rank"] for x in r] == [0, 0, 1, 1] and r[0]["vision"] is None
+
+    r = [res["cp2_ep2"] for res in mesh_results]
+    assert [x["ep"] for x in r] == [[0, 1], [0, 1], [2, 3], [2, 3]]     # an EP group = the cp ranks
+    assert [x["expert_fsdp"] for x in r] == [[0, 2], [1, 3], [0, 2], [1, 3]]
 
 
 def test_meshes_match_layout_arithmetic_and_groups_are_real(mesh_results):

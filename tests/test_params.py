@@ -60,3 +60,31 @@ def test_summary_cli_json():
     table = subprocess.run([sys.executable, "-m", "model.summary", "tiny"], capture_output=True,
                            text=True, check=True).stdout
     assert "total_params" in table and "active_params" in table
+
+
+def test_train_flops_of_the_35b_proxy_by_hand():
+    """Megatron-Bridge's count (model/params.py) for the proxy at seq 4096, in MACs per token."""
+    from model.config import load_model_config
+    from model.params import train_flops_per_token
+
+    d, s = 2048, 4096
+    moe = 3 * d * (512 * 8 + 512)                      # 8 routed experts + the shared one, SwiGLU
+    k, v = 16 * 128, 32 * 128                          # Gated DeltaNet q/k and v widths
+    gdn = d * (2 * k + 2 * v + 2 * 32) + 4 * (2 * k + v) + 4 * 32 * 128 * 128 + d * v
+    q, kv = 16 * 256, 2 * 256
+    attention = d * (q + 2 * kv + q) + q * d + q * s   # q, k, v, gate; o_proj; causal QK^T + AV
+    head = d * 248_320
+    assert (moe, gdn, attention) == (28_311_552, 35_815_424, 44_040_192)
+    macs = 3 * (gdn + moe) + (attention + moe) + head  # layers 0-2 Gated DeltaNet, 3 attention
+    assert train_flops_per_token(load_model_config("qwen35_35b_a3b_proxy"), s) == 6 * macs
+    assert 6 * macs == 4_639_752_192
+
+
+def test_train_flops_of_35b_match_megatron_bridge_recipe():
+    """Megatron-Bridge's Qwen3.5-35B-A3B recipe (seq 4096) reports 185.6 model TFLOP/s per GPU at
+    ~8.3k tokens/s per GPU: its FLOPs per token lie in 185.6e12 / [8.35k, 8.25k]."""
+    from model.config import load_model_config
+    from model.params import train_flops_per_token
+
+    flops = train_flops_per_token(load_model_config("qwen35_35b_a3b"), 4096)
+    assert 185.6e12 / 8350 <= flops <= 185.6e12 / 8250, flops

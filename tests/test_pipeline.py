@@ -166,6 +166,9 @@ def rule(world=2, model=TINY, **parallel):
     (dict(world=4, pp=2, pp_schedule="zbv", pp_virtual_stages=2),
      "parallel.pp_schedule='zbv': zero-bubble schedules do not compose with FSDP or tensor parallelism "
      "(data-parallel size 2; dp_shard=-1 resolved to 2 from WORLD_SIZE=4, parallel.tp=1)"),
+    (dict(world=4, pp=2, cp=2, pp_schedule="zbv", pp_virtual_stages=2),
+     "parallel.pp_schedule='zbv': zero-bubble schedules do not compose with context parallelism "
+     "(parallel.cp=2"),
 ])
 def test_pipeline_rules_name_field_value_and_rule(kwargs, message):
     with pytest.raises(ConfigError) as e:

@@ -25,37 +25,48 @@ def rehearse(overrides: list[str], world_size: int, rank: int = 0) -> dict:
 
 
 TINY = ["model=tiny_vl", "parallel.tp=2", "parallel.ep=2", "data.batch_size=2", "data.seq_len=64"]
+TINY_PP = ["model=tiny_vl", "parallel.pp=2", "parallel.tp=2", "train.grad_accum=2",
+           "data.batch_size=2", "data.seq_len=64"]
 
 
-def _real_sharded_bytes(rank: int, world: int, out_dir: str) -> None:
-    """The trainer's path on real tensors: whole model on every rank, then `parallelize`."""
+def _real_sharded_bytes(rank: int, world: int, out_dir: str, overrides: list[str]) -> None:
+    """The trainer's path on real tensors: `parallelize`, then this rank's part of the model."""
     from model.language_model import Qwen35LM
+    from parallel.layout import pipeline_microbatches
     from parallel.mesh import build_meshes, validate_layout
     from parallel.plan import parallelize
     from train.main import load_config
 
-    cfg = load_config(TINY)
-    meshes = build_meshes(validate_layout(cfg.parallel, cfg.model, world, cfg.data.seq_len), "cpu")
+    cfg = load_config(overrides)
+    layout = validate_layout(cfg.parallel, cfg.model, world, cfg.data.seq_len,
+                             grad_accum=cfg.train.grad_accum)
+    meshes = build_meshes(layout, "cpu")
     torch.manual_seed(0)
     model = Qwen35LM(cfg.model)
-    parallelize(model, meshes, cfg.parallel, torch.device("cpu"))
-    params = list(model.parameters())
+    runner = parallelize(model, meshes, cfg.parallel, torch.device("cpu"),
+                         num_microbatches=pipeline_microbatches(cfg.parallel, cfg.train.grad_accum))
+    params = list(runner.model.parameters())
     local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
     with open(f"{out_dir}/{rank}.json", "w") as f:
         json.dump({"params_bytes": tensor_bytes(params),
                    "params_numel": sum(t.numel() for t in local)}, f)
 
 
-def test_rehearsal_param_bytes_equal_a_real_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("overrides, layout, images", [
+    (TINY, "pp=1 dp_replicate=1 dp_shard=2 cp=1 tp=2 ep=2", 1),
+    # Two micro-batches of one image each through the pipeline's schedule; ranks 0 and 3 hold
+    # the first and the last stage.
+    (TINY_PP, "pp=2 dp_replicate=1 dp_shard=1 cp=1 tp=2 ep=1", 2)], ids=["tp2xep2", "pp2xtp2"])
+def test_rehearsal_param_bytes_equal_a_real_run(tmp_path, monkeypatch, overrides, layout, images):
     monkeypatch.setenv("WORLD_SIZE", "4")  # the gloo ranks' config check reads it
-    run_ranks(4, _real_sharded_bytes, str(tmp_path))
+    run_ranks(4, _real_sharded_bytes, str(tmp_path), overrides)
     monkeypatch.delenv("WORLD_SIZE")
     for rank in (0, 3):
         real = json.loads((tmp_path / f"{rank}.json").read_text())
-        r = rehearse(TINY, world_size=4, rank=rank)
+        r = rehearse(overrides, world_size=4, rank=rank)
         assert (r["params_bytes"], r["params_numel"]) == (real["params_bytes"], real["params_numel"])
-        assert r["layout"] == "pp=1 dp_replicate=1 dp_shard=2 cp=1 tp=2 ep=2"
-        assert r["images"] == 1  # the vision tower ran on one image
+        assert r["layout"] == layout
+        assert r["images"] == images  # the vision tower ran on the images
         # Storage bytes include FSDP2's padding of uneven shards; AdamW's states do not.
         assert r["grads_bytes"] >= 4 * r["params_numel"]  # every parameter got its fp32 grad
         assert r["optimizer_bytes"] == 2 * 4 * r["params_numel"]  # AdamW: exp_avg, exp_avg_sq

@@ -3,6 +3,8 @@ schedules, decay groups, non-finite steps, and the CLI smoke run."""
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 
@@ -13,6 +15,7 @@ from train import checkpoint as ckpt
 from train.config import TrainConfig
 from train.main import load_config
 from train.optim import build_optimizer, lr_factor
+from train.preempt import Stopped
 from train.trainer import Trainer
 
 FAST = ["model=tiny", "model.mtp_num_layers=1", "model.router_bias_balancing=true",
@@ -46,6 +49,56 @@ def test_resume_gives_identical_losses(tmp_path):
     assert [r["step"] for r in b] == list(range(1, 2 * n + 1))
     for key in ("loss", "ce", "mtp_ce", "moe_aux", "grad_norm", "lr", "expert_load_imbalance"):
         assert [r[key] for r in a] == [r[key] for r in b], key
+
+
+def _signal_during_step(trainer, at_step, signum):
+    """Deliver `signum` to this process at the start of step `at_step` (as Slurm's SIGTERM lands)."""
+    step = trainer.train_step
+
+    def signalled_step():
+        if trainer.step + 1 == at_step:
+            os.kill(os.getpid(), signum)
+        return step()
+
+    trainer.train_step = signalled_step
+
+
+def test_signals_checkpoint_after_the_step_and_resume_is_exact(tmp_path):
+    """SIGINT during step 2 and SIGTERM during step 4 each finish that step, commit a checkpoint
+    there (no periodic ones: checkpoint.interval=0) and stop; resuming twice logs what one
+    uninterrupted run logs."""
+    args = ["train.lr_decay_steps=6", "train.max_steps=6", "checkpoint.interval=0"]
+    full = tmp_path / "full"
+    make_trainer(full, *args).fit()
+    split = tmp_path / "split"
+    for signum, at in ((signal.SIGINT, 2), (signal.SIGTERM, 4)):
+        t = make_trainer(split, *args)
+        _signal_during_step(t, at, signum)
+        with pytest.raises(Stopped, match=f"stopped by {signum.name} after step {at}") as e:
+            t.fit()
+        assert e.value.signum == signum and e.value.step == at
+        assert ckpt.latest_checkpoint(split / "checkpoints").name == ckpt.step_dir_name(at)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers put back
+    make_trainer(split, *args).fit()
+    a, b = read_metrics(full), read_metrics(split)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for key in ("loss", "grad_norm", "lr"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+
+
+def test_finite_data_ends_the_run_cleanly_with_a_final_checkpoint(tmp_path, caplog):
+    """data.num_docs runs out long before train.max_steps: the run ends at the last full step,
+    commits a checkpoint there and says why (it raised a bare StopIteration)."""
+    run = tmp_path / "finite"
+    t = make_trainer(run, "data.num_docs=12", "train.max_steps=1000", "checkpoint.interval=0",
+                     "train.grad_accum=2")
+    with caplog.at_level("WARNING", logger="train"):
+        history = t.fit()
+    n = len(history)
+    assert 0 < n < 1000 and t.step == n
+    assert [p.name for p in ckpt.committed_checkpoints(run / "checkpoints")] == [ckpt.step_dir_name(n)]
+    assert (f"the data ran out before step {n + 1} of train.max_steps=1000 (data.epochs=None, "
+            f"data.num_docs=12): ending the run at step {n} with a final checkpoint") in caplog.text
 
 
 def test_checkpoints_are_committed_atomically_and_pruned(tmp_path):

@@ -1,5 +1,5 @@
-"""`python -m train.main` under torchrun with gloo ranks on CPU: tensor parallelism gives the losses
-of one process on the same data, and runs resume from sharded checkpoints exactly."""
+"""`python -m train.main` under torchrun with gloo ranks on CPU: tensor and context parallelism give
+the losses of one process on the same data, and runs resume from sharded checkpoints exactly."""
 
 import json
 import os
@@ -29,13 +29,16 @@ def train(run_dir, nproc: int, *overrides) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_tensor_parallel_run_matches_one_process(tmp_path):
-    """tp=2 ranks read the data one process reads: same losses and grad norms (fp32)."""
+@pytest.mark.parametrize("layout", [pytest.param("parallel.tp=2", id="tp2"),
+                                    pytest.param("parallel.cp=2", id="cp2")])
+def test_tp_or_cp_run_matches_one_process(tmp_path, layout):
+    """tp=2 or cp=2 ranks read the data one process reads: same losses, grad norms and expert load
+    (fp32); under cp each rank runs half of every row's tokens."""
     one = train(tmp_path / "one", 1, "train.max_steps=4", "checkpoint.interval=0")
-    tp = train(tmp_path / "tp", 2, "train.max_steps=4", "checkpoint.interval=0", "parallel.tp=2")
-    for key in ("loss", "ce", "mtp_ce", "moe_aux", "grad_norm"):
-        assert [r[key] for r in tp] == pytest.approx([r[key] for r in one], rel=2e-5), key
-    assert [r["tokens"] for r in tp] == [r["tokens"] for r in one]
+    two = train(tmp_path / "two", 2, "train.max_steps=4", "checkpoint.interval=0", layout)
+    for key in ("loss", "ce", "mtp_ce", "moe_aux", "grad_norm", "expert_load_imbalance"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=2e-5), key
+    assert [r["tokens"] for r in two] == [r["tokens"] for r in one]
 
 
 @pytest.mark.parametrize("layout", [

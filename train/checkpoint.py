@@ -15,6 +15,7 @@ when the data-parallel size changed it gets every old data-parallel rank's extra
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
@@ -81,6 +82,23 @@ def training_state(model, optimizer, extra: Optional[dict[str, Any]] = None,
     return {"model": model_sd, "optim": optim_sd, _extra_key(): pickle.dumps(extra or {})}
 
 
+def _sum_ranks(n: int) -> int:
+    if not dist.is_initialized():
+        return n
+    counts = [0] * dist.get_world_size()
+    dist.all_gather_object(counts, n)
+    return sum(counts)
+
+
+def _agree(flag: bool) -> bool:
+    """True on every rank when it is True on any (each rank sees its own free space)."""
+    if not dist.is_initialized():
+        return flag
+    flags = [False] * dist.get_world_size()
+    dist.all_gather_object(flags, bool(flag))
+    return any(flags)
+
+
 def _layout_record(extra: dict[str, Any]) -> bytes:
     """{world, dp_size, dp_ranks: the data-parallel rank of every rank}: one small all-gather.
     Every rank writes the same bytes (DCP keeps one copy)."""
@@ -92,9 +110,50 @@ def _layout_record(extra: dict[str, Any]) -> bytes:
     return pickle.dumps({"world": world, "dp_size": dp_size, "dp_ranks": dp_ranks})
 
 
+class DiskFullError(RuntimeError):
+    """A checkpoint did not fit on its disk; the message says where, how much and what to do."""
+
+
+def state_nbytes(state: Any) -> int:
+    """Bytes of the tensors (this rank's shards of DTensors) and byte strings in a state dict."""
+    if isinstance(state, dict):
+        return sum(state_nbytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_nbytes(v) for v in state)
+    if isinstance(state, torch.Tensor):
+        local = state.to_local() if hasattr(state, "to_local") else state
+        return local.numel() * local.element_size()
+    if isinstance(state, (bytes, bytearray)):
+        return len(state)
+    return 0
+
+
+def _disk_full_message(ckpt_dir: Path, step: int, need: int, free: int, cause: str = "") -> str:
+    mib = 2 ** 20
+    last = latest_checkpoint(ckpt_dir)
+    return (f"checkpoint of step {step} does not fit in {ckpt_dir}: about {need / mib:.1f} MiB "
+            f"needed, {free / mib:.1f} MiB free{cause}. The unfinished save is removed; free "
+            f"space there (or lower checkpoint.keep_last, or set checkpoint.dir) and restart: the "
+            f"run resumes from {last if last else 'step 0 (no committed checkpoint yet)'}")
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    """ENOSPC anywhere in the chain. torch's zip writer hides it ("unexpected pos 704 vs 598"),
+    so the caller also compares the free space with what the save needed."""
+    while e is not None:
+        # DCP's CheckpointException carries each rank's error in `failures`.
+        text = f"{e} {getattr(e, 'failures', '')}"
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def save_checkpoint(ckpt_dir: str | Path, step: int, model, optimizer, extra: dict[str, Any],
                     keep_last: int = 0) -> Path:
-    """Write, commit atomically, then prune to the newest `keep_last` (0 keeps all)."""
+    """Write, commit atomically, then prune to the newest `keep_last` (0 keeps all). Raises
+    DiskFullError (on every rank) when the checkpoint does not fit: checked before writing,
+    against the total of every rank's shards, and again if the write itself fails."""
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / step_dir_name(step)
     tmp = ckpt_dir / f".tmp_{step_dir_name(step)}"
@@ -104,7 +163,20 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model, optimizer, extra: di
     _barrier()
     state = training_state(model, optimizer, extra)
     state[LAYOUT_KEY] = _layout_record(extra)
-    dcp.save(state, checkpoint_id=str(tmp))
+    need = _sum_ranks(state_nbytes(state))  # checkpoints live on one shared filesystem
+    free = shutil.disk_usage(ckpt_dir).free
+    if _agree(free < need):
+        raise DiskFullError(_disk_full_message(ckpt_dir, step, need, free))
+    try:
+        dcp.save(state, checkpoint_id=str(tmp))
+    except (Exception, dcp.api.CheckpointException) as e:  # the latter is a BaseException
+        free = shutil.disk_usage(ckpt_dir).free
+        if _is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if _is_disk_full(e) or free < 2 ** 20:
+            raise DiskFullError(_disk_full_message(ckpt_dir, step, need, free,
+                                                   f" (the write failed: {type(e).__name__})")) from e
+        raise
     _barrier()
     if _is_main():
         (tmp / MARKER).write_text(f"{step}\n")

@@ -7,9 +7,11 @@ checks the rules that span fields. Both run before any model, process group or f
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -81,6 +83,33 @@ class RootConfig:
     run_dir: str = "runs/default"
 
 
+def unknown_keys(tree: Any, schema: type, prefix: str = "") -> list[str]:
+    """Dotted names of the keys of a composed config tree (plain dicts) that `schema` (a
+    dataclass) does not declare. Hydra's `+key=value` adds keys past the schema, and turning the
+    tree into dataclasses then drops them silently: a `+train.lr_warmup=10` would change nothing."""
+    if not isinstance(tree, dict):
+        return []
+    hints = typing.get_type_hints(schema)
+    names = {f.name for f in dataclasses.fields(schema)}
+    out = []
+    for key, value in tree.items():
+        if key not in names:
+            out.append(f"{prefix}{key}")
+            continue
+        kind = hints[key]
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if typing.get_origin(kind) in (dict, typing.Dict) and len(args) == 2 \
+                and dataclasses.is_dataclass(args[1]) and isinstance(value, dict):
+            for name, item in value.items():  # e.g. data.sources.<name>
+                out += unknown_keys(item, args[1], f"{prefix}{key}.{name}.")
+            continue
+        inner = kind if dataclasses.is_dataclass(kind) else next(
+            (a for a in args if dataclasses.is_dataclass(a)), None)
+        if inner is not None:
+            out += unknown_keys(value, inner, f"{prefix}{key}.")
+    return out
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="schema", node=RootConfig)
@@ -134,6 +163,9 @@ def validate_config(cfg: RootConfig) -> RootConfig:
     for fld in ("max_steps", "grad_accum", "log_interval"):
         if getattr(t, fld) < 1:
             raise ConfigError(f"train.{fld}={getattr(t, fld)!r}: must be >= 1")
+    if t.max_consecutive_bad_steps < 1:
+        raise ConfigError(f"train.max_consecutive_bad_steps={t.max_consecutive_bad_steps!r}: must be "
+                          f">= 1 (the non-finite steps in a row that stop the run)")
     if t.lr <= 0:
         raise ConfigError(f"train.lr={t.lr!r}: must be > 0")
     if t.vision_lr_scale <= 0:

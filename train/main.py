@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from model.config import ConfigError
-from train.config import RootConfig, register_configs, validate_config
+from train.config import RootConfig, register_configs, unknown_keys, validate_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 log = logging.getLogger("train")
@@ -45,9 +45,14 @@ def load_config(overrides: list[str]) -> RootConfig:
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             composed = compose(config_name="config", overrides=quote_brace_values(overrides))
+        unknown = unknown_keys(OmegaConf.to_container(composed, resolve=False), RootConfig)
         cfg = OmegaConf.to_object(composed)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_one_line(e)) from None
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: not a config field (the schema, train/config.py and the "
+                          f"groups' schemas, has no such key; a '+' override adds only known keys)"
+                          + (f"; also unknown: {', '.join(unknown[1:])}" if unknown[1:] else ""))
     try:
         return validate_config(cfg)
     except ValueError as e:  # data/ raises plain ValueError with the same kind of message
@@ -152,15 +157,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {error}", file=sys.stderr)
         return 2
 
+    from train.preflight import checkpoint_dir, preflight, remove_stale_saves
+
+    try:
+        preflight(cfg)  # paths read and directories written, before anything is built
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     rank = int(os.environ.get("RANK", "0"))  # torchrun sets it; the process group starts later
     if rank == 0:
         OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
     setup_logging(run_dir, rank)
+    if rank == 0:
+        remove_stale_saves(checkpoint_dir(cfg))
+    from data.format import DataError
+    from train.checkpoint import DiskFullError
+    from train.preempt import Stopped
     from train.trainer import Trainer  # heavy imports only once the config is known to be good
 
-    Trainer(cfg, run_dir).fit()
+    try:
+        Trainer(cfg, run_dir).fit()
+    except DiskFullError as e:
+        log.error("%s", e)
+        return 1
+    except DataError as e:
+        # From a DataLoader worker the message carries the worker's traceback: its last line.
+        log.error("%s", str(e).strip().splitlines()[-1].removeprefix("data.format.DataError: "))
+        return 1
+    except ConfigError as e:  # found once the checkpoint is read (e.g. another shard list)
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except Stopped as e:
+        log.warning("%s", e)
+        return 128 + e.signum  # the shell's code for "ended by this signal"
     return 0
 
 

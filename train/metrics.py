@@ -7,6 +7,8 @@ import json
 import logging
 import math
 import os
+import secrets
+import string
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -53,20 +55,55 @@ class MetricsLogger:
 
     `resume_step`: the step the run (re)starts from; records of later steps, logged by the attempt
     that crashed or was killed before its next checkpoint, are dropped (`drop_records_after`), so
-    the steps run again are logged once and the file reads as an uninterrupted run's."""
+    the steps run again are logged once and the file reads as an uninterrupted run's.
+
+    wandb: every start of one run directory continues the same wandb run, whose id is kept in
+    <run_dir>/wandb_run_id (WANDB_RUN_ID, if set, wins; `new_run`, i.e. train.resume=never, starts
+    another). A start first sends the records of metrics.jsonl (up to the resume step) that wandb
+    is not known to hold, then only new steps: the steps an earlier attempt sent and finished
+    (`wandb_sent_step`, written when wandb ends) are not sent again (a resume is exact, so their
+    values are the same). An attempt whose wandb did not finish (killed, or wandb's service
+    stopped by Slurm's SIGTERM, which loses its buffer) confirms nothing, so its steps are sent
+    again; wandb keeps one value per step of a resumed run. wandb failing never stops the run."""
 
     def __init__(self, run_dir: Path, wandb_mode: str, project: str, run_name: Optional[str],
-                 config: dict[str, Any], enabled: bool = True, resume_step: Optional[int] = None):
+                 config: dict[str, Any], enabled: bool = True, resume_step: Optional[int] = None,
+                 new_run: bool = False):
         self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
+        run_dir = Path(run_dir)
+        self.path = run_dir / "metrics.jsonl"
+        self.sent_file = run_dir / "wandb_sent_step"
+        self.sent_up_to = 0  # the last step sent to wandb, by this or an earlier attempt
+        if enabled and not new_run and self.sent_file.exists():
+            try:
+                self.sent_up_to = min(last_logged_step(self.path), int(self.sent_file.read_text()))
+            except ValueError:
+                pass
+        self.confirmed = self.sent_up_to  # what wandb is known to hold: its run was finished
+        if enabled:
+            self.sent_file.unlink(missing_ok=True)  # written again when this attempt ends
         if enabled and resume_step is not None:
             drop_records_after(self.path, resume_step)
+        if enabled and new_run:  # train.resume=never in a used run directory: a new wandb run
+            (run_dir / "wandb_run_id").unlink(missing_ok=True)
         self.wandb = None
         if enabled and wandb_mode != "disabled":
             import wandb  # imported only when used: it is slow to import
 
-            self.wandb = wandb.init(mode=wandb_mode, project=project, name=run_name,
-                                    dir=str(run_dir), config=config, resume="allow")
+            run_id = wandb_run_id(run_dir)
+            try:
+                self.wandb = wandb.init(mode=wandb_mode, project=project, name=run_name, id=run_id,
+                                        dir=str(run_dir), config=config, resume="allow")
+            except Exception as e:  # noqa: BLE001 - e.g. no network in online mode
+                log.warning("wandb.init failed (%s: %s): training goes on without wandb; the next "
+                            "start sends the steps from %d", type(e).__name__, e, self.confirmed + 1)
+                self._end_wandb()
+                return
+            if self.sent_up_to:
+                log.info("wandb run %s continues after step %d", run_id, self.sent_up_to)
+            for record in read_records(self.path):  # logged, but not yet in wandb
+                if record["step"] > self.sent_up_to:
+                    self._send(record)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -74,13 +111,81 @@ class MetricsLogger:
         clean = {k: _jsonable(v) for k, v in record.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
-        if self.wandb is not None:
+        self._send(clean)
+
+    def _send(self, clean: dict[str, Any]) -> None:
+        if self.wandb is None or clean["step"] <= self.sent_up_to:
+            return
+        try:
             self.wandb.log({k: v for k, v in clean.items() if isinstance(v, (int, float))},
                            step=clean["step"])
+        except Exception as e:  # noqa: BLE001 - a metrics mirror must not stop training
+            log.warning("wandb failed at step %d (%s: %s): metrics.jsonl goes on, the next start "
+                        "sends wandb the steps from %d", clean["step"], type(e).__name__, e,
+                        self.confirmed + 1)
+            self._end_wandb()
+            return
+        self.sent_up_to = clean["step"]
+
+    def _end_wandb(self, failed: bool = True) -> None:
+        # Only a finished run is known to hold what was sent: wandb's service buffers, and a
+        # SIGTERM (which Slurm sends it too) or SIGKILL loses the buffer.
+        if not failed:
+            self.confirmed = self.sent_up_to
+        self.sent_file.write_text(f"{self.confirmed}\n")
+        self.wandb = None
+        if failed:
+            import wandb
+
+            try:  # a broken service connection: the next wandb.init of this process starts afresh
+                wandb.teardown()
+            except Exception:  # noqa: BLE001
+                pass
 
     def close(self) -> None:
-        if self.wandb is not None:
+        if self.wandb is None:
+            return
+        try:
             self.wandb.finish()
+        except Exception as e:  # noqa: BLE001 - e.g. its service process already stopped
+            log.warning("wandb.finish failed (%s: %s)", type(e).__name__, e)
+            self._end_wandb(failed=True)
+            return
+        self._end_wandb(failed=False)
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The wandb run id of this run directory: WANDB_RUN_ID, else <run_dir>/wandb_run_id, created
+    (atomically) on the first start: 8 lowercase letters and digits, as wandb makes them."""
+    if os.environ.get("WANDB_RUN_ID"):
+        return os.environ["WANDB_RUN_ID"]
+    path = run_dir / "wandb_run_id"
+    if path.exists() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(run_id + "\n")
+    os.replace(tmp, path)
+    return run_id
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The complete records of a metrics.jsonl (a torn last line is left out)."""
+    out = []
+    if Path(path).exists():
+        for line in Path(path).read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                out.append(record)
+    return out
+
+
+def last_logged_step(path: Path) -> int:
+    """The largest step of the complete records of a metrics.jsonl (0 when none)."""
+    return max((r["step"] for r in read_records(path)), default=0)
 
 
 def drop_records_after(path: Path, step: int) -> int:

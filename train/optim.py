@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -25,10 +26,13 @@ def mesh_key(p: torch.Tensor) -> tuple:
     return () if mesh is None else (mesh.mesh_dim_names or (), tuple(mesh.mesh.flatten().tolist()))
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: Optional[bool] = None) -> torch.optim.AdamW:
     """Groups: (language | vision) x (decay | no decay); the vision tower's lr is
     cfg.lr * cfg.vision_lr_scale. Empty groups are dropped. Under parallel plans the groups are
-    split further by mesh: the foreach kernels take plain tensors or DTensors of one mesh per call."""
+    split further by mesh: the foreach kernels take plain tensors or DTensors of one mesh per call.
+
+    `fused`: the fused AdamW kernel (no parameter-sized temporaries), by default on CUDA; the
+    rehearsal asks for it on its fake CPU device to run the GPU's optimizer step."""
     groups: dict[tuple, list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -37,9 +41,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     groups = [{"params": params, "weight_decay": 0.0 if skip_decay else cfg.weight_decay,
                "lr": cfg.lr * (cfg.vision_lr_scale if vision else 1.0)}
               for (vision, skip_decay, _), params in sorted(groups.items())]
-    on_cuda = any(p.is_cuda for p in model.parameters())
+    if fused is None:
+        fused = any(p.is_cuda for p in model.parameters())
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=on_cuda or None, foreach=None if on_cuda else True)
+                             fused=fused or None, foreach=None if fused else True)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

@@ -17,14 +17,17 @@ import logging
 import math
 import random
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from data import build_loader
+from model.config import ConfigError
 from model.language_model import Qwen35LM
 from model.params import count_params, train_flops_per_token
 from parallel.collectives import StepWatchdog
@@ -38,10 +41,15 @@ from train.config import RootConfig
 from train.fp8_policy import apply_precision, fp8_amax_group
 from train.metrics import MetricsLogger, console_line, peak_flops
 from train.optim import build_optimizer, build_scheduler, load_scheduler_state
+from train.preempt import StopRequest, Stopped
 from train.precision import autocast, autocast_dtype, resolve_device
 from train.report import caption_loss_gap, plot_loss_curves, write_caption_report
 
 log = logging.getLogger("train")
+
+
+class DataExhausted(Exception):
+    """Some data-parallel rank's loader has no batch left for the next step."""
 
 
 def seed_everything(seed: int) -> None:
@@ -90,7 +98,7 @@ class Trainer:
         self.skipped_steps = 0
         self.bad_streak = 0
 
-        self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len, counts)
+        self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops, peak_source = peak_flops(self.device, cfg.train.peak_flops)
         log.info("model %s: %.2fM parameters, %.2fM active per token, %.3g train FLOPs/token",
                  cfg.model.name, counts.total / 1e6, counts.active / 1e6, self.flops_per_token)
@@ -138,13 +146,15 @@ class Trainer:
                                      self.dp_size)
         self.step = extra["step"]
         load_scheduler_state(self.scheduler, extra["scheduler"])
-        if "dp_extras" in extra:
-            log.info("data-parallel size %d -> %d: the loader takes its streams' states from every "
-                     "old rank",
-                     len(extra["dp_extras"]), self.dp_size)
-            self.loader.load_state_dict([e["data"] for e in extra["dp_extras"]])
-        else:
-            self.loader.load_state_dict(extra["data"])
+        try:  # the loader refuses a resume that would not continue the same data stream
+            if "dp_extras" in extra:
+                log.info("data-parallel size %d -> %d: the loader takes its streams' states from "
+                         "every old rank", len(extra["dp_extras"]), self.dp_size)
+                self.loader.load_state_dict([e["data"] for e in extra["dp_extras"]])
+            else:
+                self.loader.load_state_dict(extra["data"])
+        except ValueError as e:
+            raise ConfigError(f"cannot resume from {path}: {e}") from None
         ckpt.set_rng_state(extra["rng"])
         self.skipped_steps = extra["skipped_steps"]
         self.bad_streak = extra["bad_streak"]
@@ -155,11 +165,20 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         cfg = self.cfg.train
         t0 = time.perf_counter()
-        batches = [next(self.loader) for _ in range(cfg.grad_accum)]
+        batches, ran_out = [], 0
+        try:
+            for _ in range(cfg.grad_accum):
+                batches.append(next(self.loader))
+        except StopIteration:  # finite data (data.epochs, data.num_docs); a partial step is dropped
+            ran_out = 1
         data_wait = time.perf_counter() - t0
         local_tokens = sum(b["num_tokens"] for b in batches)
-        # Loss tokens of the global batch: every data-parallel rank weights by the same total.
-        total_tokens = max(self._sum_dp([local_tokens])[0], 1)
+        # Loss tokens of the global batch: every data-parallel rank weights by the same total. The
+        # same all-reduce tells every rank whether any ran out of data, so all stop together.
+        total_tokens, ran_out = self._sum_dp([local_tokens, ran_out])
+        if ran_out:
+            raise DataExhausted(self.step)
+        total_tokens = max(total_tokens, 1)
         self.optimizer.zero_grad(set_to_none=True)
         sums, modality = self.runner.step(batches, total_tokens)
 
@@ -205,7 +224,9 @@ class Trainer:
         record = {"step": self.step, **sums, "lr": lr, "grad_norm": grad_norm,
                   "tokens": sum(b["input_ids"].numel() for b in batches) * self.dp_size,
                   "loss_tokens": total_tokens, "skipped_steps": self.skipped_steps, **vision_metrics,
-                  "data_wait_s": data_wait, **self._data_metrics(batches)}
+                  "data_wait_s": data_wait}
+        if self._logged(self.step):  # the data counters of every rank: one gather, when logged
+            record.update(self._data_metrics(batches))
         record.update(self._expert_load_metrics(finite))
         return record
 
@@ -213,18 +234,32 @@ class Trainer:
         """Sum over the data-parallel ranks (tensor-parallel ranks hold the same values)."""
         return self.runner.sum_dp(values)
 
+    def _logged(self, step: int) -> bool:
+        return step % self.cfg.train.log_interval == 0 or step == self.cfg.train.max_steps
+
     def _data_metrics(self, batches: list[dict]) -> dict[str, Any]:
-        """Realised token share per mixture source this step, and the loader's skip counters."""
-        out: dict[str, Any] = {}
-        sources: dict[str, int] = {}
+        """Realised token share per mixture source this step, and the loaders' skip counters, over
+        every data-parallel rank (ranks of one dp rank read the same data: counted once)."""
+        sources: Counter = Counter()
         for b in batches:
-            for name, n in b.get("source_tokens", {}).items():
-                sources[name] = sources.get(name, 0) + n
+            sources.update(b.get("source_tokens", {}))
+        counters = Counter(self.loader.metrics() if hasattr(self.loader, "metrics") else {})
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # Counter names differ between ranks (a kind of bad sample only one rank met): gather
+            # the dicts rather than all-reduce a vector.
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (self.loader.dp_rank, dict(sources), dict(counters)))
+            per_dp = {}
+            for dp_rank, src, cnt in gathered:
+                per_dp.setdefault(dp_rank, (src, cnt))
+            sources, counters = Counter(), Counter()
+            for src, cnt in per_dp.values():
+                sources.update(src)
+                counters.update(cnt)
         total = sum(sources.values())
-        for name, n in sorted(sources.items()):
-            out[f"data_share/{name}"] = n / total if total else 0.0
-        if hasattr(self.loader, "metrics"):
-            out.update(self.loader.metrics())
+        out: dict[str, Any] = {f"data_share/{name}": n / total if total else 0.0
+                               for name, n in sorted(sources.items())}
+        out.update(sorted(counters.items()))
         return out
 
     def _expert_load_metrics(self, update_bias: bool) -> dict[str, Any]:
@@ -253,19 +288,28 @@ class Trainer:
         metrics = MetricsLogger(self.run_dir, cfg.logging.wandb, cfg.logging.project,
                                 cfg.logging.run_name,
                                 OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
-                                enabled=self.is_main, resume_step=self.step)
+                                enabled=self.is_main, resume_step=self.step,
+                                new_run=cfg.train.resume == "never")
         history = []
         last_saved = self.step
         # Under torchrun: every rank logs a step that runs past half the collective timeout, and
         # the named collective it is in (parallel/collectives.py), before a hang ends the job.
         timeout = cfg.parallel.collective_timeout_s
         watchdog = StepWatchdog(timeout / 2, timeout) if self.meshes is not None else None
+        stop = StopRequest().install()
         try:
             while self.step < cfg.train.max_steps:
                 if watchdog is not None:
                     watchdog.begin(f"step {self.step + 1}")
                 t0 = time.perf_counter()
-                record = self.train_step()
+                try:
+                    record = self.train_step()
+                except DataExhausted:
+                    d = cfg.data
+                    log.warning("the data ran out before step %d of train.max_steps=%d (data.epochs=%s, "
+                                "data.num_docs=%s): ending the run at step %d with a final checkpoint",
+                                self.step + 1, cfg.train.max_steps, d.epochs, d.num_docs, self.step)
+                    break
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 dt = time.perf_counter() - t0
@@ -281,12 +325,21 @@ class Trainer:
                 if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                     self.save()
                     last_saved = self.step
+                signum = stop.agreed(self.device)
+                if signum is not None and self.step < cfg.train.max_steps:
+                    # Preemption: Slurm sends SIGTERM, then SIGKILL after its KillWait (30 s by
+                    # default), so save now, not at the next interval.
+                    path = self.save() if last_saved != self.step else ckpt.latest_checkpoint(
+                        self.ckpt_dir)
+                    raise Stopped(signum, self.step, path)
             if watchdog is not None:
                 watchdog.begin("the final checkpoint save and report")
-            if cfg.checkpoint.save_final and last_saved != self.step:
+            if (cfg.checkpoint.save_final or self.step < cfg.train.max_steps) \
+                    and last_saved != self.step:
                 self.save()
             self.final_report()
         finally:
+            stop.uninstall()
             if watchdog is not None:
                 watchdog.close()
             metrics.close()
