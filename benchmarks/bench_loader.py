@@ -32,7 +32,7 @@ from PIL import Image, ImageSequence
 
 from data.config import DataConfig
 from data.synthetic import write_synthetic
-from data.webdataset_loader import WebDatasetLoader
+from data.loader import Loader
 
 
 def bare_decode(urls: list[str], n: int) -> tuple[float, int, None, float]:
@@ -79,7 +79,7 @@ def write_photos(out_dir: str, num_shards: int, docs_per_shard: int, seed: int =
 def loader_run(cfg: DataConfig, n: int) -> tuple[float, int, int, float]:
     """(seconds, documents, tokens, CPU seconds of this process) to take batches until n documents
     were packed; worker start-up is excluded (timed from the first batch)."""
-    loader = WebDatasetLoader(cfg)
+    loader = Loader(cfg)
     first = next(loader)
     docs = tokens = 0
     t0, c0 = time.perf_counter(), time.process_time()

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import OtherLoad, interleaved_medians, machine_line, markdown_table
-from data.text_loader import build_loader
+from data.loader import build_loader
 from model.mlp import SwiGLU
 from model.params import count_params
 from train.main import load_config

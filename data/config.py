@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional
 
 SOURCES = ("synthetic_text", "webdataset")
+VISION_DEFAULTS = {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2}
 
 
 @dataclass
@@ -22,6 +23,13 @@ class DataConfig:
     tokenizer: Optional[str] = None  # path to a tokenizer.json; None = shipped smoke tokenizer
     seq_len: int = 256  # tokens per packed row
     batch_size: int = 8  # micro-batch rows per data-parallel rank
+    # Rows per optimizer step over all data-parallel ranks; when set, data.batch_size is derived
+    # from it (global / (data-parallel size x train.grad_accum)), so a resized job keeps it.
+    # None = data.batch_size x data-parallel size x train.grad_accum.
+    global_batch_size: Optional[int] = None
+    # Deterministic reader + packer streams the rows come from (data/loader.py); fixed by the
+    # config, not the layout: a multiple of every data-parallel size the job may run at.
+    virtual_streams: int = 64
     seed: int = 1234  # selects the document stream (synthetic text) / the shuffles (webdataset)
     # Documents in the whole stream (over all ranks); None = infinite. A finite stream ends with a
     # padded row and, if needed, all-padding rows so the last batch keeps its [B, T] shape.
@@ -37,9 +45,11 @@ class DataConfig:
     # `shards` when it matches no file: the smoke run's first start.
     generate_synthetic: bool = False
     num_workers: int = 0  # DataLoader worker processes per rank (0 = in the training process)
-    prefetch_factor: int = 2  # batches each worker prepares ahead
+    prefetch_factor: int = 2  # chunks of batch_size rows each worker prepares ahead
     shuffle_shards: bool = True  # a new shard order every epoch
-    shuffle_buffer: int = 256  # samples per shuffle block; <= 1 keeps the shard order
+    # Samples per shuffle block of each virtual stream; <= 1 keeps the shard order. A process holds
+    # a block per stream it runs: virtual_streams / (data-parallel size x workers) of them.
+    shuffle_buffer: int = 32
     epochs: Optional[int] = None  # passes over every source; None = endless
     # Resume although the shard list differs from the checkpoint's (same count): the streams
     # continue at the same positions of the new list. Off: such a resume is refused.
@@ -49,9 +59,12 @@ class DataConfig:
     max_consecutive_skips: int = 1000
     # Cap on merged visual tokens per packed row; None = seq_len // 2.
     max_visual_tokens: Optional[int] = None
-    patch_size: int = 16  # must match model.vision
-    temporal_patch_size: int = 2
-    merge_size: int = 2
+    # null = model.vision's patch_size / temporal_patch_size / spatial_merge_size, filled in by
+    # the trainer's config check (train/config.py), which refuses a value that differs from the
+    # model's; a standalone loader (no model) gets VISION_DEFAULTS.
+    patch_size: Optional[int] = None
+    temporal_patch_size: Optional[int] = None
+    merge_size: Optional[int] = None
     image_min_pixels: int = 256 * 256  # released Qwen3.5 image budget: smaller images are upscaled
     image_max_pixels: int = 1024 * 1024  # larger images are downscaled (and counted as oversized)
     video_fps: float = 2.0  # frames sampled per second of video
@@ -65,8 +78,18 @@ class DataConfig:
         return self
 
 
+def fill_vision_defaults(cfg: DataConfig) -> None:
+    """The vision fields left null -> VISION_DEFAULTS (the trainer has set them from model.vision
+    before: this is for loaders built without a model)."""
+    for fld, default in VISION_DEFAULTS.items():
+        if getattr(cfg, fld) is None:
+            setattr(cfg, fld, default)
+
+
 def validate_data_config(cfg: DataConfig) -> None:
-    """Raise ValueError naming the field, its value and the rule it breaks."""
+    """Raise ValueError naming the field, its value and the rule it breaks. Fills the vision
+    fields left null (fill_vision_defaults)."""
+    fill_vision_defaults(cfg)
     if cfg.name not in SOURCES:
         raise ValueError(f"data.name={cfg.name!r} must be one of {SOURCES}")
     if cfg.seq_len < 2:
@@ -80,6 +103,14 @@ def validate_data_config(cfg: DataConfig) -> None:
         raise ValueError(f"data.num_docs={cfg.num_docs} must be >= 1 or null (infinite)")
     if cfg.start_doc < 0:
         raise ValueError(f"data.start_doc={cfg.start_doc} must be >= 0")
+    if cfg.virtual_streams < 1:
+        raise ValueError(f"data.virtual_streams={cfg.virtual_streams} must be >= 1")
+    if cfg.global_batch_size is not None and cfg.global_batch_size < 1:
+        raise ValueError(f"data.global_batch_size={cfg.global_batch_size} must be >= 1 or null "
+                         f"(data.batch_size x data-parallel size x train.grad_accum)")
+    for fld in ("num_workers", "max_consecutive_skips"):
+        if getattr(cfg, fld) < 0:
+            raise ValueError(f"data.{fld}={getattr(cfg, fld)} must be >= 0")
     if cfg.name != "webdataset":
         # Shards given to another source would be ignored: the run would train on something else.
         if cfg.shards or cfg.sources:
@@ -95,9 +126,6 @@ def validate_data_config(cfg: DataConfig) -> None:
             raise ValueError(f"data.sources.{name}.shards={src.shards!r}: must name shards")
         if not src.weight > 0:
             raise ValueError(f"data.sources.{name}.weight={src.weight!r}: must be > 0")
-    for fld in ("num_workers", "max_consecutive_skips"):
-        if getattr(cfg, fld) < 0:
-            raise ValueError(f"data.{fld}={getattr(cfg, fld)} must be >= 0")
     for fld in ("prefetch_factor", "patch_size", "temporal_patch_size", "merge_size",
                 "image_min_pixels", "image_max_pixels", "video_min_frames", "video_max_frames",
                 "video_min_pixels", "video_max_pixels"):

@@ -14,10 +14,10 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from data.config import DataConfig
+from data.config import DataConfig, fill_vision_defaults
 from data.decode import decode_image, decode_video
 from data.format import BadSample, parse_sample
-from data.pixels import image_patches, video_patches
+from data.pixels import image_patches, video_patches_at, video_plan
 from data.positions import document_positions, piece_positions
 from model.vision_processing import VisualInput
 from model.vision_tokens import VisionTokenIds, image_token_ids, num_visual_tokens, video_token_ids
@@ -34,10 +34,10 @@ class VisualItem:
 @dataclass
 class Document:
     """Token ids (end-of-document included) and visual items in order; ``positions`` [3, tokens]
-    int64 their M-RoPE positions (None: left to collate, which then runs model/mrope.py over the
-    batch); ``ref`` locates the raw sample in its stream (for the packer's resumable carry),
-    ``offset`` is where this piece starts in the whole document (> 0 for the remainder of a split
-    document)."""
+    int64 their M-RoPE positions (None: 0, 1, 2, ..., right for plain text; DocumentBuilder gives
+    documents with media theirs); ``ref`` locates the raw
+    sample in its stream (for the packer's resumable carry), ``offset`` is where this piece starts
+    in the whole document (> 0 for the remainder of a split document)."""
 
     tokens: list[int]
     items: list[VisualItem] = field(default_factory=list)
@@ -45,6 +45,11 @@ class Document:
     ref: Optional[dict[str, Any]] = None
     offset: int = 0
     positions: Optional[np.ndarray] = None
+
+    def __post_init__(self):
+        if self.positions is None:  # a running index: right for plain text
+            self.positions = np.broadcast_to(np.arange(len(self.tokens), dtype=np.int64),
+                                             (3, len(self.tokens)))
 
     @property
     def num_visual(self) -> int:
@@ -54,11 +59,11 @@ class Document:
         """The piece from token ``cut`` on; ``cut`` must not fall inside an item."""
         items = [replace(it, start=it.start - cut, end=it.end - cut) for it in self.items
                  if it.start >= cut]
-        pos = None if self.positions is None else piece_positions(self.positions, cut)
+        pos = piece_positions(self.positions, cut)
         return Document(self.tokens[cut:], items, self.source, self.ref, self.offset + cut, pos)
 
     def head(self, cut: int) -> "Document":
-        pos = None if self.positions is None else self.positions[:, :cut]
+        pos = self.positions[:, :cut]
         return Document(self.tokens[:cut], [it for it in self.items if it.end <= cut], self.source,
                         self.ref, self.offset, pos)
 
@@ -68,11 +73,28 @@ class DocumentBuilder:
     samples that are kept but noteworthy (``oversized_image``: resized down to the budget)."""
 
     def __init__(self, cfg: DataConfig, tokenizer, count: Callable[[str], None] | None = None):
+        fill_vision_defaults(cfg)
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.ids = VisionTokenIds.from_tokenizer(tokenizer)
+        try:
+            self.ids: Optional[VisionTokenIds] = VisionTokenIds.from_tokenizer(tokenizer)
+        except KeyError:  # a text-only tokenizer: documents with media are skipped
+            self.ids = None
         self.eos_id = tokenizer.eos_id
         self.count = count or (lambda kind: None)
+        # The pixel budgets, capped at what a packed row takes (data.max_visual_tokens merged
+        # tokens): a photo larger than a row's share is trained on smaller, not dropped.
+        cap = cfg.max_visual_tokens or cfg.seq_len // 2
+        token_pixels = (cfg.patch_size * cfg.merge_size) ** 2  # pixels per merged token
+        self.image_max_pixels = min(cfg.image_max_pixels, cap * token_pixels)
+        self.video_max_pixels = min(cfg.video_max_pixels, cap * token_pixels * cfg.temporal_patch_size)
+
+    def _video_plan(self, total: int, clip_fps: float, height: int, width: int):
+        c = self.cfg
+        return video_plan(total, clip_fps, height, width, c.video_fps, c.patch_size,
+                          c.temporal_patch_size, c.merge_size,
+                          min(c.video_min_pixels, self.video_max_pixels), self.video_max_pixels,
+                          c.video_min_frames, c.video_max_frames)
 
     def build(self, raw: dict[str, Any], source: str = "default") -> Document:
         c, merge = self.cfg, self.cfg.merge_size
@@ -83,24 +105,28 @@ class DocumentBuilder:
             if "text" in seg:
                 tokens += self.tokenizer.encode(seg["text"])
                 continue
+            if self.ids is None:
+                raise BadSample("no_vision_tokens", f"{seg['key']!r}: the tokenizer has no "
+                                f"<|image_pad|> / <|video_pad|> tokens")
             if "image" in seg:
-                pixels, oversized = decode_image(seg["image"], c.image_max_pixels)
+                pixels, oversized = decode_image(seg["image"], self.image_max_pixels)
                 if oversized:
                     self.count("oversized_image")
                 try:
                     vis = image_patches(pixels, c.patch_size, merge,
-                                        c.image_min_pixels, c.image_max_pixels)
+                                        min(c.image_min_pixels, self.image_max_pixels),
+                                        self.image_max_pixels)
                 except ValueError as e:  # e.g. an aspect ratio over 200
                     raise BadSample("bad_image", f"image {seg['key']!r}: {e}") from None
                 layout = image_token_ids(vis.grid_thw, self.ids, merge)
                 t, h, w = vis.grid_thw
                 blocks.append((len(tokens) + 1, (t, h // merge, w // merge)))
             else:
-                frames, fps = decode_video(seg["video"], seg["key"], seg.get("fps"))
                 try:
-                    vis = video_patches(frames, fps, c.video_fps, c.patch_size, c.temporal_patch_size,
-                                        merge, c.video_min_pixels, c.video_max_pixels,
-                                        c.video_min_frames, c.video_max_frames)
+                    frames, fps, kept, size = decode_video(seg["video"], seg["key"], seg.get("fps"),
+                                                           self._video_plan)
+                    vis = video_patches_at(frames, kept, size, fps, c.patch_size,
+                                           c.temporal_patch_size, merge)
                 except ValueError as e:
                     raise BadSample("bad_video", f"video {seg['key']!r}: {e}") from None
                 layout = video_token_ids(vis.grid_thw, vis.timestamps, self.tokenizer, self.ids, merge)

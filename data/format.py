@@ -17,9 +17,13 @@ ordered segments; media segments name their file by its media key::
 
 Image-caption pairs are ``[image, text]``, plain text is ``[text]``.
 
-Image-caption shards in the common img2dataset layout (``<key>.jpg`` or ``.png`` / ``.webp``, the
-caption in ``<key>.txt``, and a metadata ``<key>.json`` without segments, or none) are read as
-``[image, text]`` documents as they are.
+Shards in the common caption layouts are read as they are, with a metadata ``<key>.json`` without
+segments, or none:
+- img2dataset: ``<key>.jpg`` (or ``.png`` / ``.webp``) and the caption in ``<key>.txt`` ->
+  ``[image, text]``;
+- video2dataset: ``<key>.mp4`` (or ``.webm`` / ``.mkv`` / ``.mov`` / ``.avi``) and ``<key>.txt`` ->
+  ``[video, text]``;
+- plain text: ``<key>.txt`` alone -> ``[text]``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any
 
 SEGMENT_KINDS = ("text", "image", "video")
 PAIR_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # an img2dataset sample's image, with its .txt
+PAIR_VIDEO_KEYS = ("mp4", "webm", "mkv", "mov", "avi")  # a video2dataset sample's clip
 
 
 class BadSample(Exception):
@@ -128,15 +133,24 @@ def parse_sample(sample: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _image_caption_pair(sample: dict[str, Any]) -> list[dict[str, Any]] | None:
-    """[image, caption] of an img2dataset-style sample (one image file plus a .txt), else None."""
+    """[image, caption] of an img2dataset-style sample (one image file plus a .txt), [video,
+    caption] of a video2dataset-style one (one clip plus a .txt), [text] of a lone .txt; else None."""
     images = [k for k in PAIR_IMAGE_KEYS if k in sample]
-    if len(images) != 1 or "txt" not in sample:
+    videos = [k for k in PAIR_VIDEO_KEYS if k in sample]
+    if len(images) + len(videos) > 1 or "txt" not in sample:
         return None
     try:
         caption = sample["txt"].decode("utf-8").strip()
     except UnicodeDecodeError:
         raise BadSample("invalid_json", "the .txt caption is not UTF-8") from None
-    pair: list[dict[str, Any]] = [{"image": sample[images[0]], "key": images[0]}]
+    if images:
+        pair: list[dict[str, Any]] = [{"image": sample[images[0]], "key": images[0]}]
+    elif videos:
+        pair = [{"video": sample[videos[0]], "key": videos[0], "fps": None}]
+    elif caption:
+        return [{"text": caption}]
+    else:
+        raise BadSample("empty_document", "an empty .txt and no media")
     return pair + [{"text": caption}] if caption else pair
 
 

@@ -9,7 +9,7 @@ import torch
 from data.config import DataConfig
 from data.documents import DocumentBuilder
 from data.format import BadSample, encode_sample
-from data.mm_packing import MultimodalPacker, collate_rows
+from data.packing import Packer, collate
 from data.synthetic import synthetic_sample
 from data.synthetic_text import SyntheticText
 from data.tokenizer import load_tokenizer
@@ -41,12 +41,12 @@ def heldout_batches(cfg: DataConfig, num_docs: int) -> list[dict]:
                 continue
 
     docs = documents()
-    packer = MultimodalPacker(cfg.seq_len, cfg.max_visual_tokens or cfg.seq_len // 2, tokenizer.pad_id)
+    packer = Packer(cfg.seq_len, cfg.max_visual_tokens or cfg.seq_len // 2, tokenizer.pad_id)
     rows = []
     while (row := packer.next_row(lambda: next(docs, None))) is not None:
         rows.append(row)
-    batches = [collate_rows(rows[i:i + cfg.batch_size], builder.ids, cfg.merge_size, cfg.patch_size,
-                            cfg.temporal_patch_size)
+    pads = (builder.ids.image_pad, builder.ids.video_pad)
+    batches = [collate(rows[i:i + cfg.batch_size], pads, cfg.patch_size, cfg.temporal_patch_size)
                for i in range(0, len(rows), cfg.batch_size)]
     for b in batches:
         b["caption_mask"] = caption_mask(b["input_ids"], b["labels"], builder.ids.vision_end, captions)

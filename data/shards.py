@@ -1,8 +1,8 @@
 """Shard lists, their split over readers, and a resumable stream of raw samples per reader.
 
-A *reader* (slot) is one (data-parallel rank, loader worker) pair: slot = rank * workers + worker,
-of ``num_slots = dp_world * workers``. Every epoch has its own shard order (seeded), and the slots
-divide it so that each sample of the epoch is read by exactly one slot:
+A *reader* (slot) is one virtual stream of the loader, of ``num_slots = data.virtual_streams``.
+Every epoch has its own shard order (seeded), and the slots divide it so that each sample of the
+epoch is read by exactly one slot:
 
 - whole rounds of ``num_slots`` shards go one shard per slot;
 - the ``m < num_slots`` shards left over (all of them when there are fewer shards than slots) are
@@ -17,15 +17,14 @@ webdataset's reservoir buffer for exact resume: a stream's whole state is the po
 current block started plus how many of its samples were emitted (a few ints); restoring re-reads at
 most one block from that position, whereas a reservoir can hold samples from arbitrarily far back.
 
-When the number of slots changes on resume (another data-parallel size or worker count), an epoch's
-split cannot be redrawn mid-epoch. Instead the old slots' streams become *legacy units* (old slot,
-old slot count, state, stop epoch) dealt to the new slots: a stream reads its units to their stop
-(the end of the newest epoch any old slot had reached) before its own samples, which start at the
-epoch after it. So every sample is still read exactly once per epoch.
+The slots are the loader's *virtual streams* (data/stream.py): their number is fixed by the config
+(``data.virtual_streams``), not by the data-parallel layout, so a stream's state stays valid when
+the job is resized.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import logging
 import lzma
@@ -40,7 +39,7 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
 from data.format import BadSample
-from data.tar import TarError, iter_files, open_tar_stream
+from data.tar import TarError, iter_files, member_index, open_tar_stream
 
 log = logging.getLogger("data")
 URL = re.compile(r"^[a-z][a-z0-9+.-]*:", re.I)  # pipe:, http:, s3:, gs:, file: ...
@@ -146,6 +145,65 @@ def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
             pass
 
 
+@functools.lru_cache(maxsize=256)
+def _sample_index(path: str, mtime_ns: int, size: int) -> Optional[list[tuple[str, bool, list]]]:
+    """A local tar's samples as (key, split, [(ext, offset, size)]), grouped as iter_tar_samples
+    groups them; None when it cannot be indexed (compressed, damaged: then it is streamed)."""
+    try:
+        members = member_index(path)
+    except (TarError, OSError):
+        return None
+    out: list[tuple[str, bool, list]] = []
+    done: set[str] = set()
+    for name, offset, n in members:
+        key, ext = base_plus_ext(name)
+        if key is None or ext is None or os.path.basename(name).startswith("__"):
+            continue
+        # A file the key's sample already has starts a second sample with that key (as above).
+        again = bool(out) and out[-1][0] == key and any(e == ext.lower() for e, _, _ in out[-1][2])
+        if not out or out[-1][0] != key or again:
+            if out:
+                done.add(out[-1][0])
+            out.append((key, key in done and not again, []))
+        out[-1][2].append((ext.lower(), offset, n))
+    return out
+
+
+def iter_shard_samples(url: str, keep: Callable[[int], bool]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(index in the shard, sample) of the samples i with keep(i), as iter_tar_samples gives them.
+    Virtual streams sharing a shard each keep a part of its samples: a local uncompressed tar is
+    indexed once per process and only the kept samples' bytes are read; anything else is streamed
+    (every sample read, the kept ones yielded)."""
+    path = None if URL.match(url) and not url.startswith("file:") else os.path.expanduser(
+        url[5:] if url.startswith("file:") else url)
+    index = None
+    if path is not None:
+        try:
+            st = os.stat(path)
+            index = _sample_index(path, st.st_mtime_ns, st.st_size)
+        except OSError:
+            index = None
+    if index is None:
+        for i, sample in enumerate(iter_tar_samples(url)):
+            if keep(i):
+                yield i, sample
+        return
+    try:
+        with open(path, "rb") as f:
+            for i, (key, split, files) in enumerate(index):
+                if not keep(i):
+                    continue
+                sample: dict[str, Any] = {"__key__": key, "__url__": url}
+                if split:
+                    sample["__split__"] = True
+                for ext, offset, n in files:
+                    f.seek(offset)
+                    sample[ext] = f.read(n)
+                yield i, sample
+    except OSError as e:
+        raise BadSample("unreadable_shard", f"{url}: {type(e).__name__}: {e}") from None
+
+
 class ShardStream:
     """The raw samples of one slot of one source, epoch after epoch, block-shuffled, resumable.
 
@@ -169,9 +227,6 @@ class ShardStream:
         self._loaded = False
         self._reader: Optional[Iterator] = None  # kept open across blocks: no re-skipping
         self._read_pos = (0, 0, 0)  # where the reader stands
-        # Streams of an earlier slot layout, read first: {"slot", "num_slots", "stop", "state"}.
-        self.legacy: list[dict[str, Any]] = []
-        self._unit: Optional[ShardStream] = None  # the open stream of legacy[0]
 
     # ---- reading --------------------------------------------------------------------------------
 
@@ -181,12 +236,10 @@ class ShardStream:
                          self.shuffle_shards)
         while plan_pos < len(plan):
             shard, k, r = plan[plan_pos]
-            i = 0
             try:
-                for sample in iter_tar_samples(self.urls[shard]):
-                    if i >= sample_pos and i % k == r:
-                        yield (epoch, plan_pos, i + 1), sample
-                    i += 1
+                for i, sample in iter_shard_samples(self.urls[shard],
+                                                    lambda i: i >= sample_pos and i % k == r):
+                    yield (epoch, plan_pos, i + 1), sample
             except BadSample as e:
                 # Of the k slots sharing a shard only the one with r == 0 reports its damage, so it
                 # is counted once.
@@ -213,27 +266,18 @@ class ShardStream:
                 self._block, self._next_start = block, self._read_pos
                 return
             if start == (self.epoch, 0, 0):
-                raise RuntimeError(f"no readable sample for reader {self.slot} of {self.num_slots} "
-                                   f"in epoch {self.epoch} of shards {self.urls[:3]}"
-                                   f"{' ...' if len(self.urls) > 3 else ''}")
+                # Fewer samples than streams, or only unreadable shards: this stream ends (its
+                # rows are padding) rather than spinning over empty epochs.
+                log.warning("data: no readable sample for stream %d of %d in epoch %d of shards "
+                            "%s%s: the stream ends", self.slot, self.num_slots, self.epoch,
+                            self.urls[:3], " ..." if len(self.urls) > 3 else "")
+                break
             self.epoch, self.plan_pos, self.sample_pos, self.block_no = self.epoch + 1, 0, 0, 0
             self._reader = None
         self._block, self._next_start = [], (self.epoch, 0, 0)
 
     def next(self) -> Optional[dict[str, Any]]:
         """The next raw sample of this slot, or None when all epochs are done."""
-        while self.legacy:
-            if self._unit is None:
-                u = self.legacy[0]
-                self._unit = ShardStream(self.urls, u["slot"], u["num_slots"], self.seed,
-                                         self.block_size, self.shuffle_shards, u["stop"], self.on_bad)
-                self._unit.load_state_dict(u["state"])
-            raw = self._unit.next()
-            if raw is not None:
-                self.legacy[0] = {**self.legacy[0], "state": self._unit.state_dict()}
-                return raw
-            self.legacy.pop(0)
-            self._unit = None
         if not self._loaded:
             self._loaded = True
             self._fill()
@@ -250,12 +294,10 @@ class ShardStream:
     # ---- state -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """A few ints; plus ``legacy`` (a list of units) while any is left."""
+        """A few ints."""
         sd: dict[str, Any] = {"epoch": self.epoch, "plan_pos": self.plan_pos,
                               "sample_pos": self.sample_pos, "block_no": self.block_no,
                               "emitted": self.emitted}
-        if self.legacy:
-            sd["legacy"] = [dict(u) for u in self.legacy]
         return sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -263,20 +305,4 @@ class ShardStream:
         self.epoch, self.plan_pos, self.sample_pos = sd["epoch"], sd["plan_pos"], sd["sample_pos"]
         self.block_no, self.emitted = sd["block_no"], sd["emitted"]
         self._block, self._loaded = [], False
-        self.legacy, self._unit = [dict(u) for u in sd.get("legacy", [])], None
 
-
-def legacy_units(old: list[Optional[dict[str, Any]]], epochs: Optional[int]) -> tuple[int, list[dict]]:
-    """The stream states of every slot of an old layout (slot order; None = never read) -> (the
-    epoch the new slots' own streams start at, the units left to read: each old stream up to the
-    end of the newest epoch any of them had reached, and the units they had not finished)."""
-    newest = max((sd["epoch"] for sd in old if sd is not None), default=0)
-    stop = newest + 1 if epochs is None else min(newest + 1, epochs)
-    units: list[dict[str, Any]] = []
-    for slot, sd in enumerate(old):
-        sd = sd or {"epoch": 0, "plan_pos": 0, "sample_pos": 0, "block_no": 0, "emitted": 0}
-        units += [dict(u) for u in sd.get("legacy", [])]
-        own = {k: v for k, v in sd.items() if k != "legacy"}
-        if own["epoch"] < stop:
-            units.append({"slot": slot, "num_slots": len(old), "stop": stop, "state": own})
-    return stop, units

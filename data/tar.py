@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import io
 import lzma
 from typing import BinaryIO, Callable, Iterator
 
@@ -118,11 +119,13 @@ def open_tar_stream(stream: BinaryIO) -> BinaryIO:
 def iter_files(stream: BinaryIO) -> Iterator[tuple[str, Callable[[], bytes]]]:
     """(name, read) of every regular file of the tar stream (open_tar_stream's result), in order;
     read() returns the file's bytes, once, and must be called before the next file is asked for
-    if the bytes are wanted (unread ones are skipped). The header of the next file is read only
+    if the bytes are wanted (unread ones are skipped: by a seek on a seekable stream); read.size
+    is their number. The header of the next file is read only
     when it is asked for, so a damaged member does not hide that the one before it was whole."""
     pax: dict[str, str] = {}
     long_name = None
     first = True
+    seekable = isinstance(stream, (io.BufferedReader, io.FileIO))  # not a pipe or a decompressor
     while True:
         header = _read(stream, BLOCK)
         if not header and not first:
@@ -160,7 +163,27 @@ def iter_files(stream: BinaryIO) -> Iterator[tuple[str, Callable[[], bytes]]]:
             done[0] = True
             return data
 
+        read.size = size
         if kind in REGULAR:
             yield name, read
         if not done[0]:
-            read()
+            if seekable and size:  # a file: skip without reading
+                stream.seek(size + (-size % BLOCK), 1)
+            else:
+                read()
+
+
+def member_index(path: str) -> list[tuple[str, int, int]]:
+    """(name, offset of the data, size) of every regular file of an uncompressed tar file, read
+    by seeking from header to header (the data is not read). Raises TarError as iter_files does,
+    and for a compressed file (it cannot be indexed by offsets)."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+        if any(head.startswith(magic) for magic, _ in COMPRESSED):
+            raise TarError("compressed: no offsets")
+        length = f.seek(0, 2)
+        f.seek(0)
+        out = [(name, f.tell(), read.size) for name, read in iter_files(f)]
+    if out and out[-1][1] + out[-1][2] > length:  # seeking passes the end of a cut file silently
+        raise TarError(f"the file ends inside {out[-1][0]!r}")
+    return out

@@ -29,6 +29,7 @@ def _train(rank, world, tmp):
                f"b: {{shards: '{spec('b')}', weight: 1}}}}")
     cfg = load_config(["model=tiny", "data=webdataset", sources, "data.seq_len=64",
                        "data.batch_size=2", "data.shuffle_shards=false", "data.shuffle_buffer=1",
+                       "data.virtual_streams=2",  # stream r (rank r's only one) reads shard r
                        "train.device=cpu", "train.autocast=none", "train.peak_flops=1e12",
                        "logging.wandb=disabled", "train.max_steps=2", "checkpoint.interval=0",
                        "checkpoint.save_final=false", f"run_dir={tmp}/run"])
@@ -55,7 +56,7 @@ def test_skip_counters_and_source_shares_cover_every_rank(tmp_path):
                     for i in range(40)]
             if src == "a" and r == 1:  # rank 1 alone meets bad samples
                 docs.insert(1, ("bad0", {"json": b"{oops"}))
-                docs.insert(3, ("bad1", {"txt": b"no json"}))
+                docs.insert(3, ("bad1", {"bin": b"no json"}))  # a lone .txt would be a text doc
             _shard(tmp_path / f"{src}-{r}.tar", docs)
     run_ranks(2, _train, tmp_path, timeout_s=300)
     last = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]

@@ -17,7 +17,7 @@ from data import build_loader
 from data.config import DataConfig, SourceConfig
 from data.decode import decode_image
 from data.format import DataError, encode_sample, tar_member_bytes
-from data.shards import iter_tar_samples
+from data.shards import iter_shard_samples, iter_tar_samples
 from data.synthetic import write_synthetic
 from data.tokenizer import Tokenizer, load_tokenizer
 
@@ -214,6 +214,8 @@ def test_adjacent_samples_with_the_same_key_are_both_read(tmp_path, tok):
                                               ("m", "third doc")])
     keys = [s["__key__"] for s in iter_tar_samples(shard)]
     assert keys == ["k", "k", "m"]
+    # The loader reads a local tar through its index (seeks): the same samples.
+    assert [s for _, s in iter_shard_samples(shard, lambda i: True)] == list(iter_tar_samples(shard))
     text = texts_of(build_loader(DataConfig(**SMALL, shards=shard, epochs=1)), tok)
     assert "first" in text and "second" in text and "third" in text
 

@@ -1,4 +1,4 @@
-"""Interim text data path: synthetic docs, smoke tokenizer, packing, loader batches and resume."""
+"""Text through the one data path: synthetic docs, smoke tokenizer, packing, loader batches, resume."""
 
 import json
 import re
@@ -10,9 +10,10 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from omegaconf import OmegaConf
 
 from data.config import DataConfig
+from data.documents import Document
+from data.loader import build_loader
 from data.packing import IGNORE_INDEX, Packer, collate
 from data.synthetic_text import SyntheticText, synthetic_document
-from data.text_loader import TextLoader, build_loader
 from data.tokenizer import (
     SMOKE_TOKENIZER_PATH,
     SPECIAL_TOKENS,
@@ -39,11 +40,6 @@ def doc_stream(tok, seed, indices):
     for i in indices:
         out += tok.encode(synthetic_document(seed, i)) + [tok.eos_id]
     return out
-
-
-def unpacked_tokens(batches):
-    """Concatenate all rows' tokens, in order."""
-    return [t for b in batches for t in b["input_ids"].view(-1).tolist()]
 
 
 # ---- synthetic text ---------------------------------------------------------------------------
@@ -112,8 +108,8 @@ def test_missing_tokenizer_file_names_the_field(tmp_path):
 
 
 def test_long_document_splits_across_rows():
-    docs = iter([list(range(10, 30)), [40, 41]])  # 20 tokens (+eos) then 2 (+eos), seq_len 8
-    p = Packer(seq_len=8, eos_id=0, pad_id=1)
+    docs = iter([Document(list(range(10, 30)) + [0]), Document([40, 41, 0])])  # eos 0, seq_len 8
+    p = Packer(seq_len=8, max_visual_tokens=8, pad_id=1)
     rows = []
     while (r := p.next_row(lambda: next(docs, None))) is not None:
         rows.append(r)
@@ -129,8 +125,8 @@ def test_long_document_splits_across_rows():
     assert b["labels"][0, -1] == -100  # the split-off target lives in the next row: no label
     assert b["cu_seqlens"].tolist() == [0, 8, 16, 21, 24]
     # a stream that ends mid-row pads it; the padding is its own segment without labels
-    p2 = Packer(seq_len=8, eos_id=0, pad_id=1)
-    docs2 = iter([[5, 6]])
+    p2 = Packer(seq_len=8, max_visual_tokens=8, pad_id=1)
+    docs2 = iter([Document([5, 6, 0])])
     r = p2.next_row(lambda: next(docs2, None))
     assert r.tokens == [5, 6, 0, 1, 1, 1, 1, 1] and r.seg_lens == [3, 5] and r.num_pad == 5
     assert collate([r])["labels"][0].tolist() == [6, 0] + [-100] * 6
@@ -159,42 +155,51 @@ def check_batch(b, B, T, pad_id):
     assert b["num_tokens"] == int((lab != IGNORE_INDEX).sum())
 
 
+def stream_tokens(batches, streams: int) -> dict[int, list[int]]:
+    """Each virtual stream's rows (global row g is stream g % streams), read in order."""
+    out: dict[int, list[int]] = {}
+    for b in batches:
+        for g, row in zip(b["row_index"].tolist(), b["input_ids"].tolist()):
+            out.setdefault(g % streams, []).extend(row)
+    return out
+
+
 def test_batches_shapes_labels_positions(tok):
-    loader = TextLoader(cfg(), tok)
+    loader = build_loader(cfg(virtual_streams=2))
     batches = [next(loader) for _ in range(3)]
     for b in batches:
         check_batch(b, 4, 64, tok.pad_id)
         assert b["num_tokens"] > 0.9 * 4 * 64  # no padding in an infinite stream
-    # the rows, read in order, are exactly the documents with eos after each (splits included)
-    flat = unpacked_tokens(batches)
-    assert flat == doc_stream(tok, 7, range(loader.cursor))[: len(flat)]
+    # stream v's rows, read in order, are exactly documents v, v + 2, ... with eos after each
+    for v, flat in stream_tokens(batches, 2).items():
+        assert flat == doc_stream(tok, 7, range(v, 200, 2))[: len(flat)]
 
 
 def test_seed_determinism(tok):
-    a, b, c = (TextLoader(cfg(seed=s), tok) for s in (7, 7, 8))
+    a, b, c = (build_loader(cfg(seed=s, virtual_streams=2)) for s in (7, 7, 8))
     ba, bb, bc = next(a), next(b), next(c)
     assert all(torch.equal(ba[k], bb[k]) for k in ("input_ids", "labels", "cu_seqlens"))
     assert not torch.equal(ba["input_ids"], bc["input_ids"])
 
 
 def test_dp_ranks_read_disjoint_documents(tok):
-    W, N = 3, 40
-    streams = []
+    W, N, V = 3, 40, 6
+    streams = {}
     for r in range(W):
-        loader = TextLoader(cfg(num_docs=N), tok, dp_rank=r, dp_world=W)
-        batches = list(loader)
+        batches = list(build_loader(cfg(num_docs=N, virtual_streams=V), dp_rank=r, dp_world=W))
         for b in batches:
             check_batch(b, 4, 64, tok.pad_id)
-        flat = unpacked_tokens(batches)
-        # after the rank's documents only the finite stream's padding follows
-        ref = doc_stream(tok, 7, range(r, N, W))
-        assert flat[: len(ref)] == ref and set(flat[len(ref) :]) <= {tok.pad_id}
-        streams.append(set(range(r, N, W)))
-    assert set.union(*streams) == set(range(N)) and sum(map(len, streams)) == N
+        mine = stream_tokens(batches, V)
+        assert set(mine) == {r, r + W}  # rank r reads streams r, r + W, ...
+        streams.update(mine)
+    for v, flat in streams.items():
+        # after the stream's documents only the finite stream's padding follows
+        ref = doc_stream(tok, 7, range(v, N, V))
+        assert flat[: len(ref)] == ref and set(flat[len(ref):]) <= {tok.pad_id}
 
 
 def test_finite_stream_pads_last_batch_then_stops(tok):
-    loader = TextLoader(cfg(num_docs=3, batch_size=8), tok)
+    loader = build_loader(cfg(num_docs=3, batch_size=8, virtual_streams=1))
     batches = list(loader)
     assert len(batches) == 1
     b = batches[0]
@@ -207,41 +212,40 @@ def test_finite_stream_pads_last_batch_then_stops(tok):
 
 @pytest.mark.parametrize("n", [0, 1, 3])
 def test_exact_resume(tok, n):
-    c = cfg(seq_len=48, batch_size=2)
-    a = TextLoader(c, tok, dp_rank=1, dp_world=2)
+    c = cfg(seq_len=48, batch_size=2, virtual_streams=4)
+    a = build_loader(c, dp_rank=1, dp_world=2)
     for _ in range(n):
         next(a)
     sd = a.state_dict()
-    # plain Python ints / lists of ints only (saved into a DCP checkpoint)
-    for v in sd.values():
-        assert type(v) is int or (type(v) is list and all(type(t) is int for t in v))
-    sd = json.loads(json.dumps(sd))
+    assert json.loads(json.dumps(sd)) == sd  # plain values (saved into a DCP checkpoint)
     expected = [next(a) for _ in range(4)]
-    b = TextLoader(c, tok, dp_rank=1, dp_world=2)
-    b.load_state_dict(sd)
+    b = build_loader(c, dp_rank=1, dp_world=2)
+    b.load_state_dict(json.loads(json.dumps(sd)))
     for e, got in zip(expected, [next(b) for _ in range(4)]):
-        for k in ("input_ids", "labels", "position_ids", "cu_seqlens"):
+        for k in ("input_ids", "labels", "position_ids", "cu_seqlens", "row_index"):
             assert torch.equal(e[k], got[k]), k
         assert e["num_tokens"] == got["num_tokens"]
 
 
 def test_resume_carries_split_document(tok):
-    c = cfg(seq_len=32, batch_size=1)
-    a = TextLoader(c, tok)
+    c = cfg(seq_len=32, batch_size=1, virtual_streams=1)
+    a = build_loader(c)
     next(a)
     sd = a.state_dict()
-    assert sd["carry"], "seq_len 32 is shorter than every document: the row must split one"
-    b = TextLoader(c, tok)
+    assert sd["streams"]["0"]["carry"], "seq_len 32 is shorter than every document: a row splits one"
+    b = build_loader(c)
     b.load_state_dict(sd)
     assert torch.equal(next(a)["input_ids"], next(b)["input_ids"])
 
 
 def test_resume_refuses_a_different_stream(tok):
-    sd = TextLoader(cfg(), tok, dp_rank=0, dp_world=2).state_dict()
-    with pytest.raises(ValueError, match="dp_world=2"):
-        TextLoader(cfg(), tok).load_state_dict(sd)
+    sd = build_loader(cfg(virtual_streams=4), dp_rank=0, dp_world=2).state_dict()
     with pytest.raises(ValueError, match="seed=7"):
-        TextLoader(cfg(seed=8), tok, dp_rank=0, dp_world=2).load_state_dict(sd)
+        build_loader(cfg(seed=8, virtual_streams=4)).load_state_dict(sd)
+    with pytest.raises(ValueError, match="virtual_streams=4"):
+        build_loader(cfg(virtual_streams=8)).load_state_dict(sd)
+    with pytest.raises(ValueError, match="lacks streams"):  # rank 1's streams are not in it
+        build_loader(cfg(virtual_streams=4)).load_state_dict(sd)
 
 
 # ---- config -----------------------------------------------------------------------------------
@@ -250,6 +254,7 @@ def test_resume_refuses_a_different_stream(tok):
 def test_config_structured_and_validated():
     c = OmegaConf.structured(DataConfig)
     c.seq_len = 128
+    c.virtual_streams = 4
     loader = build_loader(OmegaConf.to_object(c))
     assert next(loader)["input_ids"].shape == (8, 128)
     with pytest.raises(ValueError, match=r"data.seq_len=0 must be >= 2"):
@@ -264,3 +269,9 @@ def test_config_structured_and_validated():
         DataConfig(num_docs=0).validate()
     with pytest.raises(ValueError, match=r"dp_rank=2 must be in \[0, dp_world=2\)"):
         build_loader(DataConfig(), dp_rank=2, dp_world=2)
+    with pytest.raises(ValueError, match=r"data.virtual_streams=64 must be a multiple of the "
+                                         r"data-parallel size 3"):
+        build_loader(DataConfig(), dp_rank=0, dp_world=3)
+    with pytest.raises(ValueError, match=r"data.num_workers=3 must divide data.virtual_streams / "
+                                         r"data-parallel size = 64 / 2 = 32"):
+        build_loader(DataConfig(num_workers=3), dp_rank=0, dp_world=2)

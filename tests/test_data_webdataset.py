@@ -1,6 +1,7 @@
 """The webdataset data path: shard format and writer, synthetic shards, shard lists and their
 split, packing, mixtures, exact resume (batch by batch, with workers), and bad input."""
 
+import dataclasses
 import inspect
 import io
 import json
@@ -18,19 +19,20 @@ from PIL import Image
 
 from data import build_loader
 from data.config import DataConfig, SourceConfig
-from data.format import ShardSink, encode_sample, parse_sample
-from data.mm_packing import best_cut
-from data.shards import ShardStream, expand_shards, iter_tar_samples, slot_plan
+from data.format import BadSample, ShardSink, encode_sample, parse_sample
+from data.packing import best_cut
+from data.shards import ShardStream, expand_shards, iter_shard_samples, iter_tar_samples, slot_plan
 from data.synthetic import synthetic_sample, write_synthetic
 from data.synthetic_text import SyntheticText
 from data.tokenizer import load_tokenizer
-from data.webdataset_loader import SlotPipeline, resolve_sources
+from data.loader import resolve_sources
+from data.stream import VirtualStream
 from data.write import main as write_main
 from model.mrope import mrope_position_ids
 
 IMG, VID, VS, VE = 4, 5, 2, 3
 SMALL = dict(name="webdataset", seq_len=128, batch_size=4, image_min_pixels=1024,
-             video_min_pixels=1024, shuffle_buffer=8)
+             video_min_pixels=1024, shuffle_buffer=8, virtual_streams=4)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +53,12 @@ def spec(d, n=3):
 
 def cfg(**kw):
     return DataConfig(**{**SMALL, **kw})
+
+
+def stream(c, tok, index=0, of=1):
+    """Virtual stream ``index`` of ``of`` of config ``c``."""
+    c = dataclasses.replace(c, virtual_streams=of)
+    return VirtualStream(c, tok, resolve_sources(c), index)
 
 
 def png(w=40, h=40, colour=(200, 10, 10)):
@@ -166,6 +174,24 @@ def test_shard_specs_braces_globs_pipes_and_errors(syn):
         build_loader(cfg(shards=f"{syn}/missing-*.tar"))
 
 
+def test_shared_shard_reads_only_the_kept_samples_as_streamed(syn, tmp_path):
+    """The local-file index path (seek to the kept samples) gives what streaming the whole shard
+    and filtering gives; a cut file falls back to streaming (its damage is reported)."""
+    path = f"{syn}/shard-000001.tar"
+    keep = lambda i: i % 3 == 1  # noqa: E731
+    want = [(i, s) for i, s in enumerate(iter_tar_samples(path)) if keep(i)]
+    assert list(iter_shard_samples(path, keep)) == want
+    assert list(iter_shard_samples(f"pipe:cat {path}", keep)) == \
+        [(i, {**s, "__url__": f"pipe:cat {path}"}) for i, s in want]
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(open(path, "rb").read()[:20000])
+    got = []
+    with pytest.raises(BadSample, match="after"):
+        for i, s in iter_shard_samples(str(cut), keep):
+            got.append(i)
+    assert got and got == [i for i, _ in want[:len(got)]]
+
+
 @pytest.mark.parametrize("shards,slots", [(3, 4), (5, 4), (8, 4), (2, 6), (7, 3)])
 def test_every_sample_of_an_epoch_is_read_once(tmp_path, shards, slots):
     n = 0
@@ -196,7 +222,7 @@ def test_every_sample_of_an_epoch_is_read_once(tmp_path, shards, slots):
 def test_data_parallel_ranks_read_disjoint_samples(syn, tok):
     keys = []
     for rank in range(2):
-        pipe = SlotPipeline(cfg(epochs=1), tok, resolve_sources(cfg(shards=spec(syn))), rank, 2)
+        pipe = stream(cfg(epochs=1, shards=spec(syn)), tok, rank, 2)
         got = []
         while (d := pipe.next_doc()) is not None:
             got.append((d.ref["epoch"], tuple(d.tokens)))
@@ -209,20 +235,22 @@ def test_data_parallel_ranks_read_disjoint_samples(syn, tok):
         assert_same_batch(next(a), next(b))
 
 
-def epoch_docs(batches) -> list[tuple[int, ...]]:
-    """The token ids of the documents packed into ``batches`` (one rank's stream, in order),
-    pieces split across rows joined again; the padding of an epoch's last rows dropped."""
-    docs, part = [], []
+def epoch_docs(batches, streams) -> list[tuple[int, ...]]:
+    """The token ids of the documents packed into ``batches`` (a rank's rows), pieces split across
+    rows joined again (a piece's rest is in its stream's next row: stream = row_index % streams);
+    padding dropped."""
+    docs, part = [], {}
     for b in batches:
         ids, cu = b["input_ids"].flatten().tolist(), b["cu_seqlens"].tolist()
+        T = b["input_ids"].shape[1]
         for a, e in zip(cu[:-1], cu[1:]):
             piece = ids[a:e]
             if all(t == 1 for t in piece):  # padding
                 continue
-            part += piece
+            v = int(b["row_index"][a // T]) % streams
+            part[v] = part.get(v, []) + piece
             if piece[-1] == 0:  # end of document
-                docs.append(tuple(part))
-                part = []
+                docs.append(tuple(part.pop(v)))
     return docs
 
 
@@ -231,8 +259,8 @@ RANK_SCRIPT = inspect.getsource(epoch_docs) + """
 import json, sys
 from data import build_loader
 from data.config import DataConfig
-loader = build_loader(DataConfig(**json.loads(sys.argv[1])), int(sys.argv[2]), int(sys.argv[3]))
-print(json.dumps(epoch_docs(loader)))
+c = DataConfig(**json.loads(sys.argv[1]))
+print(json.dumps(epoch_docs(build_loader(c, int(sys.argv[2]), int(sys.argv[3])), c.virtual_streams)))
 """
 
 
@@ -252,7 +280,7 @@ def test_data_parallel_ranks_as_processes_split_an_epoch(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, json.dumps(c), str(rank), "2"],
                               cwd=root, env=env, stdout=subprocess.PIPE, text=True)
              for rank in range(2)]
-    whole = epoch_docs(build_loader(cfg(**c)))  # meanwhile, one process reading everything
+    whole = epoch_docs(build_loader(cfg(**c)), 4)  # meanwhile, one process reading everything
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     r0, r1 = ([tuple(d) for d in json.loads(o)] for o in outs)
@@ -366,6 +394,71 @@ def test_best_cut_never_splits_an_item():
     assert doc.tail(20).items[0].start == 0 and doc.tail(20).offset == 20
 
 
+def test_photo_sized_images_fit_the_smoke_budgets(tok):
+    """A 512x384 photo is sized within experiment=smoke_cpu's row cap (128 visual tokens of a
+    256-token row) and packed with its caption, not dropped."""
+    from data.documents import DocumentBuilder
+    from data.packing import Packer
+    from train.main import load_config
+
+    c = load_config(["experiment=smoke_cpu"]).data
+    buf = io.BytesIO()
+    Image.new("RGB", (512, 384), (20, 90, 160)).save(buf, "JPEG")
+    counted = []
+    doc = DocumentBuilder(c, tok, count=counted.append).build(
+        encode_sample("k", [{"image": buf.getvalue(), "ext": "jpg"}, {"text": " a blue photo"}]))
+    assert 64 < doc.num_visual <= c.seq_len // 2 and counted == ["oversized_image"]
+    skipped = []
+    docs = iter([doc])
+    row = Packer(c.seq_len, c.seq_len // 2, tok.pad_id, on_skip=lambda *a: skipped.append(a)).next_row(
+        lambda: next(docs, None))
+    assert not skipped and len(row.images) == 1 and row.tokens[:len(doc.tokens)] == doc.tokens
+
+
+def test_a_dropped_visual_takes_its_caption_with_it():
+    from data.documents import Document, VisualItem
+    from data.packing import Packer
+    from model.vision_processing import VisualInput
+
+    big = Document([VS] + [IMG] * 10 + [VE, 50, 51, 0],
+                   [VisualItem(0, 12, VisualInput(torch.zeros(40, 1), (1, 4, 10)), 10)])
+    docs = iter([big, Document([60, 61, 0])])
+    skipped = []
+    p = Packer(seq_len=8, max_visual_tokens=8, pad_id=1, on_skip=lambda kind, msg: skipped.append(kind))
+    row = p.next_row(lambda: next(docs, None))
+    assert skipped == ["visual_over_cap"] and row.tokens == [60, 61, 0, 1, 1, 1, 1, 1]
+
+
+def test_shards_of_webdatasets_own_writer(tmp_path, tok):
+    """webdataset.TarWriter's shards in the img2dataset / video2dataset / plain-text layouts read
+    as image-caption, video-caption and text documents, through the loader."""
+    pytest.importorskip("av")
+    import webdataset as wds
+
+    buf = io.BytesIO()
+    Image.new("RGB", (96, 64), (200, 30, 30)).save(buf, "JPEG")
+    clip = mp4([np.full((48, 64, 3), 9 * f, np.uint8) for f in range(16)])
+    path = tmp_path / "wds-000000.tar"
+    with wds.TarWriter(str(path)) as sink:
+        for i in range(4):
+            sink.write({"__key__": f"i{i}", "jpg": buf.getvalue(), "txt": f"red photo {i}",
+                        "json": {"width": 96, "height": 64}})
+            sink.write({"__key__": f"v{i}", "mp4": clip, "txt": f"dark clip {i}",
+                        "json": {"duration": 2.0}})
+            sink.write({"__key__": f"t{i}", "txt": f"plain note {i}"})
+    c = cfg(shards=str(path), epochs=1, shuffle_shards=False, virtual_streams=1, seq_len=256)
+    kinds, texts = Counter(), []
+    pipe = stream(c, tok)
+    while (doc := pipe.next_doc()) is not None:
+        kinds[tuple(it.visual.kind for it in doc.items)] += 1
+        texts.append(tok.decode([t for t in doc.tokens[doc.items[-1].end if doc.items else 0:] if t > 5]))
+    assert not pipe.skipped and kinds == {("image",): 4, ("video",): 4, (): 4}
+    assert sorted(texts) == sorted(f"{w} {i}" for w in ("red photo", "dark clip", "plain note")
+                                   for i in range(4))
+    b = next(build_loader(c))
+    assert "pixel_values" in b and "pixel_values_videos" in b
+
+
 # ---- mixtures ----------------------------------------------------------------------------------
 
 
@@ -379,7 +472,7 @@ def test_mixture_draws_sources_by_weight(tmp_path, tok):
         sink.close()
     c = cfg(sources={"caps": SourceConfig(f"{tmp_path}/caps/*.tar", 3.0),
                      "text": SourceConfig(f"{tmp_path}/text/*.tar", 1.0)})
-    pipe = SlotPipeline(c, tok, resolve_sources(c), 0, 1)
+    pipe = stream(c, tok)
     names = [pipe.next_doc().source for _ in range(400)]
     assert 0.68 < names.count("caps") / 400 < 0.82
     b = next(build_loader(c))
@@ -409,16 +502,18 @@ def test_resumed_loader_yields_the_same_batches(syn, tmp_path, workers):
     for a, b in zip(got, want):
         assert_same_batch(a, b)
     state = first.state_dict()
-    assert any(s["carry"] is not None for s in state["states"])  # the carry is exercised
+    assert any(s is not None and s["carry"] is not None for s in state["streams"].values())
     first.close()
     resumed = build_loader(c)
     resumed.load_state_dict(state)
     for i in range(k):
         assert_same_batch(next(resumed), want[n + i])
     resumed.close()
-    other = build_loader(cfg(sources=c.sources, num_workers=workers + 2))
-    with pytest.raises(ValueError, match="workers"):
-        other.load_state_dict(state)
+    # Another worker count continues the same batches.
+    other = build_loader(dataclasses.replace(c, num_workers=2 - workers))
+    other.load_state_dict(state)
+    assert_same_batch(next(other), want[n])
+    other.close()
 
 
 # ---- bad input ---------------------------------------------------------------------------------
@@ -475,7 +570,7 @@ def test_bad_input_is_skipped_counted_and_loses_no_valid_sample(tmp_path, tok, c
             info.size = len(data)
             t.addfile(info, io.BytesIO(data))
     c = cfg(shards=f"{d}/a-*.tar", epochs=1, shuffle_shards=False, image_max_pixels=256 * 256)
-    pipe = SlotPipeline(c, tok, resolve_sources(c), 0, 1)
+    pipe = stream(c, tok)
     texts = []
     with caplog.at_level("WARNING", logger="data"):
         while (doc := pipe.next_doc()) is not None:
@@ -516,7 +611,7 @@ def test_img2dataset_shards_are_image_caption_documents(tmp_path, tok):
                 info.size = len(data)
                 t.addfile(info, io.BytesIO(data))
     c = cfg(shards=f"{d}/i2d-000000.tar", epochs=1, shuffle_shards=False)
-    pipe = SlotPipeline(c, tok, resolve_sources(c), 0, 1)
+    pipe = stream(c, tok)
     docs = []
     while (doc := pipe.next_doc()) is not None:
         docs.append(doc)
@@ -526,26 +621,89 @@ def test_img2dataset_shards_are_image_caption_documents(tmp_path, tok):
     assert dict(pipe.skipped) == {"invalid_json": 1}
 
 
-def test_video_through_pyav(tmp_path, tok):
+def mp4(frames: list[np.ndarray], fps: int = 8, gop: int | None = None) -> bytes:
+    """An mp4 (mpeg4) of [H, W, 3] uint8 frames; with ``gop``: a keyframe every gop frames, at a
+    high bit rate (flat frames keep their grey level)."""
     av = pytest.importorskip("av")
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as out:
-        stream = out.add_stream("mpeg4", rate=8)
-        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
-        for f in range(16):
-            img = Image.new("RGB", (64, 64), (40, 40, 40))
-            img.paste((230, 30, 30), (4 * f, 20, 4 * f + 12, 32))
-            for packet in stream.encode(av.VideoFrame.from_image(img)):
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        if gop:
+            stream.gop_size, stream.bit_rate = gop, 4_000_000
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
-    from data.decode import av_frames, decode_video
-    frames, fps = decode_video(buf.getvalue(), "1.mp4")  # decord when installed, else PyAV
-    assert frames.shape[1:] == (3, 64, 64) and frames.shape[0] == 16 and fps == pytest.approx(8)
-    ref, ref_fps = av_frames(buf.getvalue())
+    return buf.getvalue()
+
+
+def test_video_through_pyav_and_decord(tmp_path, tok):
+    """PyAV and decord give the same frames of a clip whose red square moves."""
+    frames = []
+    for f in range(16):
+        img = Image.new("RGB", (64, 64), (40, 40, 40))
+        img.paste((230, 30, 30), (4 * f, 20, 4 * f + 12, 32))
+        frames.append(np.asarray(img))
+    clip = mp4(frames)
+    from data.decode import decode_video, decord_frames
+    every = lambda total, fps, h, w: (list(range(total)), (h, w))  # noqa: E731
+    got, fps, kept, size = decode_video(clip, "1.mp4", None, every)  # PyAV
+    assert got.shape == (16, 3, 64, 64) and fps == pytest.approx(8) and kept == list(range(16))
+    pytest.importorskip("decord")
+    ref, ref_fps, _, _ = decord_frames(clip, None, every)
     assert ref_fps == pytest.approx(8) and len(ref) == 16
     # decord (its own ffmpeg build) and PyAV: the same frames up to the YUV -> RGB rounding
-    assert (frames.permute(0, 2, 3, 1).float() - torch.from_numpy(np.stack(ref)).float()).abs().mean() < 2
+    assert (got.permute(0, 2, 3, 1).float() - torch.from_numpy(np.stack(ref)).float()).abs().mean() < 2
     # the moving square: brightest red column moves 4 pixels a frame
-    red = frames[:, 0, 26].float().argmax(-1)
+    red = got[:, 0, 26].float().argmax(-1)
     assert (red[1:] >= red[:-1]).all() and red[-1] > red[0]
+
+
+@pytest.mark.parametrize("decoder", ["av", "decord"])
+def test_video_decoded_at_the_kept_frames_and_size(decoder, monkeypatch):
+    """A clip of 40 frames whose grey level names the frame: the plan's frames come back (found
+    by seeking past keyframes), scaled by the decoder to the plan's size."""
+    pytest.importorskip(decoder)
+    from data import decode
+
+    monkeypatch.setattr(decode, "SEEK_AFTER", 4)  # PyAV seeks to frames 20 and 39
+    clip = mp4([np.full((48, 64, 3), 20 + 5 * f, np.uint8) for f in range(40)], gop=5)
+    want = [3, 20, 21, 39]
+    calls = []
+
+    def plan(total, fps, h, w):
+        calls.append((total, fps, h, w))
+        return want, (24, 32)
+
+    frames, fps, kept, size = getattr(decode, f"{decoder}_frames")(clip, None, plan)
+    assert calls == [(40, pytest.approx(8.0), 48, 64)] and kept == want and size == (24, 32)
+    assert [f.shape for f in frames] == [(24, 32, 3)] * 4
+    assert [float(f.mean()) for f in frames] == pytest.approx([20 + 5 * i for i in want], abs=2)
+
+
+def test_video_caption_shards_read_as_documents(tmp_path, tok):
+    """video2dataset's layout: <key>.mp4, the caption in <key>.txt, metadata in <key>.json."""
+    pytest.importorskip("av")
+    clip = mp4([np.full((48, 64, 3), 9 * f, np.uint8) for f in range(24)])
+    meta = json.dumps({"url": "http://example.com/v.mp4", "duration": 3.0}).encode()
+    d = tmp_path / "v2d"
+    d.mkdir()
+    with tarfile.open(d / "v-000000.tar", "w") as t:
+        for key, files in (("000", {"mp4": clip, "txt": b"a fading clip", "json": meta}),
+                           ("001", {"mp4": clip, "txt": b"the same clip again"})):
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    pipe = stream(cfg(shards=f"{d}/v-000000.tar", epochs=1, shuffle_shards=False), tok)
+    docs = []
+    while (doc := pipe.next_doc()) is not None:
+        docs.append(doc)
+    assert [tok.decode([t for t in doc.tokens[doc.items[0].end:] if t > 5]) for doc in docs] == \
+        ["a fading clip", "the same clip again"]
+    assert all(doc.items[0].visual.kind == "video" for doc in docs) and not pipe.skipped
+    t, h, w = docs[0].items[0].visual.grid_thw
+    assert t == 3  # 3 s at 2 frames per second, 2 frames per temporal patch

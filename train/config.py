@@ -120,9 +120,43 @@ def _choice(value, allowed, fld):
         raise ConfigError(f"{fld}={value!r}: must be one of {', '.join(map(repr, allowed))}")
 
 
+def data_vision_fields(cfg: RootConfig) -> None:
+    """data.patch_size / temporal_patch_size / merge_size from model.vision (one truth: the
+    loader's patches must be the tower's); a value set in data that differs is refused."""
+    v = cfg.model.vision
+    if v is None:
+        return
+    for fld, model_fld in (("patch_size", "patch_size"), ("temporal_patch_size", "temporal_patch_size"),
+                           ("merge_size", "spatial_merge_size")):
+        want, got = getattr(v, model_fld), getattr(cfg.data, fld)
+        if got is not None and got != want:
+            raise ConfigError(f"data.{fld}={got} differs from model.vision.{model_fld}={want}: "
+                              f"leave data.{fld} null (it is taken from the model)")
+        setattr(cfg.data, fld, want)
+
+
+def data_batch(cfg: RootConfig, dp: int) -> None:
+    """Resolve data.batch_size (the micro-batch per rank) from data.global_batch_size; check that
+    the data-parallel ranks split the virtual streams (data/loader.py)."""
+    d, accum = cfg.data, cfg.train.grad_accum
+    if d.global_batch_size is not None:
+        if d.global_batch_size % (dp * accum):
+            raise ConfigError(f"data.global_batch_size={d.global_batch_size}: must divide by the "
+                              f"data-parallel size x train.grad_accum = {dp} x {accum} = "
+                              f"{dp * accum} (rows per micro-batch are whole)")
+        d.batch_size = d.global_batch_size // (dp * accum)
+    from data.loader import check_layout
+
+    try:
+        check_layout(d, dp)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def validate_config(cfg: RootConfig) -> RootConfig:
     """Cross-field rules; raises ConfigError naming the field, the value and the rule."""
     cfg.model.validate("model")
+    data_vision_fields(cfg)
     if hasattr(cfg.data, "validate"):
         cfg.data.validate()
     t = cfg.train
@@ -174,7 +208,9 @@ def validate_config(cfg: RootConfig) -> RootConfig:
     world = os.environ.get("WORLD_SIZE", "1")
     if not world.isdigit():
         raise ConfigError(f"WORLD_SIZE={world!r}: must be a positive integer (torchrun sets it)")
-    validate_layout(cfg.parallel, cfg.model, int(world), cfg.data.seq_len, grad_accum=t.grad_accum)
+    layout = validate_layout(cfg.parallel, cfg.model, int(world), cfg.data.seq_len,
+                             grad_accum=t.grad_accum)
+    data_batch(cfg, layout.dp)
     if cfg.parallel.pp > 1 and t.heldout_caption_docs:
         raise ConfigError(f"train.heldout_caption_docs={t.heldout_caption_docs}: the held-out caption "
                           f"check runs the whole model in one forward, not through the pipeline; set "

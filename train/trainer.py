@@ -141,15 +141,15 @@ class Trainer:
                 log.info("initialised weights from %s", self.cfg.train.init_from)
             return
         # Another parallel layout reshards the model and optimizer; a changed data-parallel size
-        # hands the loader every old dp rank's state to remap (or refuse) from.
+        # hands the loader every old dp rank's state: it takes its virtual streams' from them.
         extra = ckpt.load_checkpoint(path, self.model, self.optimizer, self.loader.dp_rank,
                                      self.dp_size)
         self.step = extra["step"]
         load_scheduler_state(self.scheduler, extra["scheduler"])
         try:  # the loader refuses a resume that would not continue the same data stream
             if "dp_extras" in extra:
-                log.info("data-parallel size %d -> %d: remapping the data loader's position",
-                         len(extra["dp_extras"]), self.dp_size)
+                log.info("data-parallel size %d -> %d: the loader takes its streams' states from "
+                         "every old rank", len(extra["dp_extras"]), self.dp_size)
                 self.loader.load_state_dict([e["data"] for e in extra["dp_extras"]])
             else:
                 self.loader.load_state_dict(extra["data"])
