@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from model.config import ConfigError
-from train.config import RootConfig, register_configs, validate_config
+from train.config import RootConfig, apply_aliases, register_configs, validate_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 log = logging.getLogger("train")
@@ -44,7 +44,7 @@ def load_config(overrides: list[str]) -> RootConfig:
     register_configs()
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            composed = compose(config_name="config", overrides=quote_brace_values(overrides))
+            composed = compose(config_name="config", overrides=apply_aliases(quote_brace_values(overrides)))
         cfg = OmegaConf.to_object(composed)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_one_line(e)) from None
@@ -155,8 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     rank = int(os.environ.get("RANK", "0"))  # torchrun sets it; the process group starts later
-    if rank == 0:
-        OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
+    # config.yaml is written by the trainer once the resume is accepted: a refused resume leaves it.
     setup_logging(run_dir, rank)
     from train.trainer import Trainer  # heavy imports only once the config is known to be good
 
