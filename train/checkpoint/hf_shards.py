@@ -71,7 +71,8 @@ def load_hf_shards(model: nn.Module, hf_dir: Union[str, Path], cfg: ModelConfig)
     """Fill every parameter (and the state-dict buffers the rules know, e.g. the router bias: zeros)
     of `model` (materialised, possibly sharded by the plans) from `hf_dir`. The directory is checked
     first: a weight the model needs that it lacks, a shape that disagrees, or a weight with no place
-    in the model raises ConversionError naming it. Returns {"bytes_read", "local_bytes"} of this rank."""
+    in the model raises ConversionError naming it. Returns this rank's {"bytes_read": bytes of the
+    slices read, "local_bytes": bytes of the local shards filled from them}."""
     plan = ImportPlan(hf_dir, cfg=cfg)
     reader = plan.reader
     parts = {k: ps for r in plan.rules for k, ps in r.parts.items()}
@@ -88,10 +89,10 @@ def load_hf_shards(model: nn.Module, hf_dir: Union[str, Path], cfg: ModelConfig)
         idx = local_index(t, "cpu")
         if idx is None:
             continue
-        local_bytes += local.numel() * local.element_size()
         if not parts[key]:  # no HF counterpart (the router's selection bias): zeros, as on import
             local.zero_()
             continue
+        local_bytes += local.numel() * local.element_size()
         for part in parts[key]:
             fill_part(local, idx, shapes[key], part, reader)
     reader.close()
