@@ -236,20 +236,23 @@ def _source_hf_config(ckpt: Path) -> Optional[dict]:
     return None
 
 
-def _side_files(ckpt: Path) -> list[Path]:
-    """The tokenizer, processor and generation files to ship with an export: those of the HF
-    source (see _hf_source_dirs), else the run's `data.tokenizer` (a tokenizer.json)."""
+def _side_files(ckpt: Path) -> dict[str, Path]:
+    """The tokenizer, processor and generation files to ship with an export: each name from the
+    first HF source that has it (see _hf_source_dirs); without a tokenizer there, the run's
+    `data.tokenizer` (a tokenizer.json; the shipped smoke tokenizer when unset)."""
+    found: dict[str, Path] = {}
     for d in _hf_source_dirs(ckpt):
         for where in ((d / HF_EXTRA, d) if d != ckpt else (d / HF_EXTRA,)):
-            found = [where / f for f in SIDE_FILES if (where / f).is_file()]
-            if found:
-                return found
-    tok = _run_config(ckpt).get("data", {}).get("tokenizer")
-    if tok is None and find_run_config(ckpt) is not None:
+            for f in SIDE_FILES:
+                if (where / f).is_file():
+                    found.setdefault(f, where / f)
+    if "tokenizer.json" not in found and find_run_config(ckpt) is not None:
         from data.tokenizer import SMOKE_TOKENIZER_PATH
 
-        tok = SMOKE_TOKENIZER_PATH
-    return [Path(tok)] if tok and Path(tok).is_file() else []
+        tok = _run_config(ckpt).get("data", {}).get("tokenizer") or SMOKE_TOKENIZER_PATH
+        if Path(tok).is_file():
+            found["tokenizer.json"] = Path(tok)
+    return found
 
 
 def _tokenizer_config(tokenizer_json: Path) -> dict:
@@ -279,13 +282,14 @@ def export_dtype(ckpt: Path) -> torch.dtype:
 def export_checkpoint(ckpt: Union[str, Path], out: Union[str, Path], family: Optional[str] = None,
                       model: Union[None, str, ModelConfig] = None, dtype: Optional[torch.dtype] = None,
                       max_shard_bytes: int = 5 * 2 ** 30, fused_experts: bool = False,
-                      skip_mtp: bool = False, overwrite: bool = False) -> Path:
+                      skip_mtp: bool = False, overwrite: bool = False,
+                      load_bytes: int = 1 << 30) -> Path:
     """Write config.json, safetensors shards + model.safetensors.index.json and the tokenizer
     files of a project DCP checkpoint (an import, or a trainer's sharded <run>/checkpoints/step_N)
     that transformers loads as `family`'s class. dtype None: the source HF checkpoint's
-    (export_dtype). Streams: one rule's tensors are read from DCP, converted and appended to their
-    shard file at a time, so memory holds at most one rule's tensors (an expert stack), never a
-    shard or the model."""
+    (export_dtype). Streams: the rules' tensors are read from DCP in batches of about `load_bytes`
+    (one DCP read each; a larger rule alone), converted and appended to their shard file tensor by
+    tensor, so memory holds one batch (or one rule's tensors: an expert stack), never the model."""
     ckpt, out = Path(ckpt), Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
@@ -315,8 +319,8 @@ def export_checkpoint(ckpt: Union[str, Path], out: Union[str, Path], family: Opt
     check_rules_cover(rules, ours)
     hf_shapes = expected_hf_shapes(rules, ours)
     size = torch.empty((), dtype=dtype).element_size()
-    shards = plan_shards([sum(hf_shapes[k].numel() for k in r.theirs) * size for r in rules],
-                         max_shard_bytes)
+    group_bytes = [sum(hf_shapes[k].numel() for k in r.theirs) * size for r in rules]
+    shards = plan_shards(group_bytes, max_shard_bytes)
 
     tmp = out.parent / f".tmp_{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -326,11 +330,12 @@ def export_checkpoint(ckpt: Union[str, Path], out: Union[str, Path], family: Opt
         name = SINGLE if len(shards) == 1 else f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
         entries = [(k, hf_shapes[k], dtype) for i in idx for k in rules[i].theirs]
         writer = SafetensorsWriter(tmp / name, entries)
-        for i in idx:
-            r = rules[i]
-            loaded = load_dcp_tensors(ckpt, r.ours, stored)
-            for k, t in zip(r.theirs, r.to_theirs([loaded[k] for k in r.ours])):
-                writer.write(k, t.to(dtype))
+        for batch in plan_shards([group_bytes[i] for i in idx], load_bytes):
+            rs = [rules[idx[j]] for j in batch]
+            loaded = load_dcp_tensors(ckpt, [k for r in rs for k in r.ours], stored)
+            for r in rs:
+                for k, t in zip(r.theirs, r.to_theirs([loaded[k] for k in r.ours])):
+                    writer.write(k, t.to(dtype))
             del loaded
         writer.close()
         total += writer.total
@@ -339,9 +344,8 @@ def export_checkpoint(ckpt: Union[str, Path], out: Union[str, Path], family: Opt
     (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                         indent=2) + "\n")
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    side = _side_files(ckpt)
-    for f in side:
-        shutil.copy2(f, tmp / f.name)
+    for name, source in _side_files(ckpt).items():
+        shutil.copy2(source, tmp / name)
     if (tmp / "tokenizer.json").exists() and not (tmp / "tokenizer_config.json").exists():
         (tmp / "tokenizer_config.json").write_text(
             json.dumps(_tokenizer_config(tmp / "tokenizer.json"), indent=2) + "\n")
