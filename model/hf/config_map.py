@@ -318,6 +318,11 @@ def model_config_mismatches(cfg: ModelConfig, hf_config: dict) -> list[str]:
 
     skip = TRAINING_FIELDS | {"layer_types", "full_attention_interval", "mrope_section", "vision",
                               "mtp_num_layers", "mlp_only_layers"}
+    if hf.mlp_type == "moe" and not hf.mlp_only_layers:  # no dense MLP: its width is unused
+        skip |= {"intermediate_size"}
+    if hf.mlp_type == "dense":
+        skip |= {"num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                 "shared_expert_intermediate_size", "norm_topk_prob"}
     for f in dataclasses.fields(ModelConfig):
         if f.name not in skip:
             differ(f.name, getattr(cfg, f.name), getattr(hf, f.name))

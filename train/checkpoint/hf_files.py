@@ -89,6 +89,8 @@ class HFReader:
         return None
 
     def close(self) -> None:
+        """Drop the open handles: their memory maps go, and with them the mapped pages this
+        process touched (which count in its RSS while mapped)."""
         self._handles.clear()
 
 

@@ -7,8 +7,8 @@ say which HF tensors, and which rows of them, make up that global tensor (`weigh
 `in_proj_qkv` / `conv1d` row range, a per-head row block of Qwen3-Next's `in_proj_qkvz`, one expert
 of a per-expert layout, or the whole tensor). The overlap of the two is read with safetensors'
 `get_slice` from the memory-mapped file, in contiguous runs, and copied into the local shard.
-Host memory: the rank's own shards plus one slice at a time (at most one of its shards' pieces),
-whatever the model size. `HFReader.bytes_read` counts what was read.
+Host memory: the rank's own shards plus one slice at a time (at most one of its shards' pieces)
+and the mapped pages of one parameter's HF tensors, whatever the model size. `HFReader.bytes_read` counts what was read.
 """
 
 from __future__ import annotations
@@ -95,5 +95,7 @@ def load_hf_shards(model: nn.Module, hf_dir: Union[str, Path], cfg: ModelConfig)
         local_bytes += local.numel() * local.element_size()
         for part in parts[key]:
             fill_part(local, idx, shapes[key], part, reader)
-    reader.close()
+        # Unmap after each parameter: pages touched through the maps count in the RSS while
+        # mapped, so holding every file open would add up to this rank's share of the files.
+        reader.close()
     return {"bytes_read": reader.bytes_read, "local_bytes": local_bytes}

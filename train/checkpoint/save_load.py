@@ -214,7 +214,8 @@ def resumable_checkpoint(ckpt_dir: Path) -> Optional[Path]:
 def check_model_matches(path: Path, model, meta=None) -> None:
     """Refuse (ValueError naming the parameter) a checkpoint whose model state has keys this model
     lacks, lacks keys it has, or holds another global shape: DCP would drop the first silently.
-    FP8 scaling state (`fp8_*`, `_extra_state`) is the precision config's business, not checked."""
+    FP8 scaling state (`fp8_*`, `_extra_state`) is the precision config's business, not checked.
+    Collective: the keys held by no rank are the extra ones (a pipeline stage holds only its own)."""
     meta = meta if meta is not None else dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     ours = {k: v for k, v in get_state_dict(model, [])[0].items()}
     saved = {k[len("model."):]: m for k, m in meta.items() if k.startswith("model.")}
@@ -222,7 +223,12 @@ def check_model_matches(path: Path, model, meta=None) -> None:
     def ignorable(k: str) -> bool:
         return "fp8_" in k or k.endswith("_extra_state")
 
-    extra = sorted(k for k in saved if k not in ours and not ignorable(k))
+    everyone = set(ours)
+    if dist.is_initialized() and dist.get_world_size() > 1:  # pipeline stages hold parts of it
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, sorted(ours))
+        everyone = {k for part in parts for k in part}
+    extra = sorted(k for k in saved if k not in everyone and not ignorable(k))
     missing = sorted(k for k in ours if k not in saved and not ignorable(k))
     hint = "resume with the model config the checkpoint was written with, or start a new run_dir"
     if extra:
