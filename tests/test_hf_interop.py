@@ -112,6 +112,9 @@ def test_import_export_round_trip_and_transformers_reload(family, hf_models, our
     assert hf_cli(["import", "--hf-dir", str(src), "--out", str(ckpt)]) == 0
     assert "train.init_from=" in capsys.readouterr().out
     assert (ckpt / "COMMITTED").exists() and (ckpt / ".metadata").exists()
+    from train.checkpoint import verify_checkpoint
+
+    assert verify_checkpoint(ckpt) == []  # a commit record with checksums, as the trainer's
 
     # The DCP checkpoint loads the way train.init_from does, into the model its YAML describes.
     from model.language_model import Qwen35LM

@@ -27,6 +27,7 @@ from model.hf.config_map import (FAMILIES, Family, default_family, family_of, hf
                                  model_to_hf_config)
 from model.hf.weights import Rule, check_rules_cover, expected_hf_shapes, model_rules
 from model.params import build_meta
+from train.checkpoint.commit import checksum_files, write_record
 from train.checkpoint.hf_dcp import dcp_model_shapes, find_run_config, load_dcp_tensors, save_dcp_lazily
 from train.checkpoint.hf_files import (INDEX, SIDE_FILES, SINGLE, HFReader, SafetensorsWriter,
                                        dtype_name, fsync_dir)
@@ -34,7 +35,6 @@ from train.checkpoint.hf_files import (INDEX, SIDE_FILES, SINGLE, HFReader, Safe
 MODEL_YAML = Path("configs") / "model" / "hf.yaml"
 HF_CONFIG = "hf_config.json"
 HF_EXTRA = "hf_extra"
-MARKER = "COMMITTED"
 
 
 class ConversionError(ValueError):
@@ -140,7 +140,8 @@ def import_checkpoint(hf_dir: Union[str, Path], out: Union[str, Path], name: Opt
         (tmp / HF_EXTRA).mkdir()
         for f in extras:
             shutil.copy2(plan.reader.dir / f, tmp / HF_EXTRA / f)
-    (tmp / MARKER).write_text("imported\n")
+    # The commit record of a trainer checkpoint: step 0 and every top-level file's checksum.
+    write_record(tmp, 0, checksum_files(tmp, sorted(f.name for f in tmp.iterdir() if f.is_file())))
     fsync_dir(tmp)
     if out.exists():
         shutil.rmtree(out)
