@@ -4,7 +4,7 @@ a project checkpoint back to a Hugging Face directory. The name and layout mappi
 
 An imported checkpoint directory CKPT holds:
 - the DCP files of the model state (what `train.init_from=CKPT` / `train/checkpoint.load_model_weights`
-  read) and the COMMITTED marker; the directory appears under its final name only when complete;
+  read) and the COMMITTED commit record (checksums); the directory appears under its final name only when complete;
 - `configs/model/hf.yaml`: the ModelConfig, a Hydra config group file, so that
   `python -m train.main model=hf hydra.searchpath=[file://CKPT/configs] train.init_from=CKPT` trains it;
 - `hf_config.json` (the source config.json, reused by export for fields the project does not model)
