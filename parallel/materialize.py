@@ -99,9 +99,15 @@ def materialize(model: nn.Module, device: torch.device | str, seed: int,
             raise RuntimeError(f"{name}: local shard {tuple(local.shape)} is not the region "
                                f"{tuple(len(i) for i in idx)} its placements {p.placements} describe")
         fill_region_(local, rules[name], seed, canonical_name(name), p.shape, idx)
+    reset_all_buffers(model)
+    return model
+
+
+@torch.no_grad()
+def reset_all_buffers(model: nn.Module) -> None:
+    """The model's buffers (rotary tables, router counters) and the state of modules swapped in
+    from outside the model (the FP8 backends), after `to_empty` left them uninitialised."""
     reset_buffers(model)
-    # Modules swapped in from outside the model (the FP8 backends) reset their own state.
     for m in model.modules():
         if callable(getattr(m, "reset_buffers", None)):
             m.reset_buffers()
-    return model

@@ -365,7 +365,7 @@ def test_delayed_scaling_state_resumes_exactly(tmp_path):
     resumed = [json.loads(line)["loss"] for line in (split / "metrics.jsonl").read_text().splitlines()]
     assert resumed == full
     # The HF export of a checkpoint with FP8 state takes the weights and leaves the FP8 state.
-    from model.hf.convert import export_checkpoint
+    from train.checkpoint.hf_convert import export_checkpoint
 
     out = export_checkpoint(path, tmp_path / "hf", model=load_model_config("tiny"))
     assert (out / "config.json").exists()

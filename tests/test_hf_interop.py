@@ -1,6 +1,7 @@
 """Hugging Face interop: tiny random checkpoints of each family built with transformers, imported,
 compared logit by logit (text, images + a video, padding), exported, re-imported and loaded back
-into transformers. transformers is used here only; model/hf needs safetensors and json alone."""
+into transformers. transformers is used here only; model/hf and train/checkpoint need safetensors
+and json alone."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from safetensors.torch import save_file
 
 from hf_fixtures import VISION_IDS, multimodal_batch, rel_err, save_hf_model, text_batch
 from model.config import ConfigError, load_model_config
-from model.hf import (ConversionError, export_checkpoint, import_checkpoint, load_pretrained, logits,
-                      to_hf_state_dict)
-from model.hf.__main__ import main as hf_cli
+from model.hf import logits, to_hf_state_dict
 from model.hf.config_map import effective_mrope_section, hf_to_model_config
-from model.hf.io import HFReader
+from train.checkpoint.hf_cli import main as hf_cli
+from train.checkpoint.hf_convert import (ConversionError, export_checkpoint, import_checkpoint,
+                                         load_pretrained)
+from train.checkpoint.hf_files import HFReader
 
 pytest.importorskip("transformers")
 
@@ -110,6 +112,9 @@ def test_import_export_round_trip_and_transformers_reload(family, hf_models, our
     assert hf_cli(["import", "--hf-dir", str(src), "--out", str(ckpt)]) == 0
     assert "train.init_from=" in capsys.readouterr().out
     assert (ckpt / "COMMITTED").exists() and (ckpt / ".metadata").exists()
+    from train.checkpoint import verify_checkpoint
+
+    assert verify_checkpoint(ckpt) == []  # a commit record with checksums, as the trainer's
 
     # The DCP checkpoint loads the way train.init_from does, into the model its YAML describes.
     from model.language_model import Qwen35LM

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -45,6 +46,9 @@ class TrainConfig:
     autocast: str = "auto"              # auto (bf16 where the device has fast bf16) | bf16 | none
     resume: str = "auto"                # auto (latest committed checkpoint, if any) | never | a path
     init_from: Optional[str] = None     # checkpoint to take model weights from at step 0
+    # A Hugging Face directory (config.json + safetensors) to take the weights from at step 0, each
+    # rank reading only its shards; with model=from_hf the model config comes from its config.json.
+    init_from_hf: Optional[str] = None
     log_interval: int = 1
     peak_flops: Optional[float] = None  # per-device peak for MFU; None: known GPU table or measured
     max_consecutive_bad_steps: int = 5  # non-finite loss/grad steps in a row before stopping
@@ -62,6 +66,8 @@ class CheckpointConfig:
     keep_last: int = 3                  # committed checkpoints kept; 0 keeps all
     dir: Optional[str] = None           # default: <run_dir>/checkpoints
     save_final: bool = True
+    # Stage to host memory and write in the background (`checkpoint.async=true` is accepted too).
+    async_save: bool = False
 
 
 @dataclass
@@ -151,10 +157,64 @@ def data_batch(cfg: RootConfig, dp: int) -> None:
         check_layout(d, dp)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+# Command-line spellings that cannot be dataclass fields (`async` is a Python keyword).
+OVERRIDE_ALIASES = {"checkpoint.async": "checkpoint.async_save"}
+FROM_HF = "from_hf"  # configs/model/from_hf.yaml: the model config of train.init_from_hf's config.json
+
+
+def apply_aliases(overrides: list[str]) -> list[str]:
+    out = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        bare = key.lstrip("+~")
+        if sep and bare in OVERRIDE_ALIASES:
+            item = f"{key[:len(key) - len(bare)]}{OVERRIDE_ALIASES[bare]}={value}"
+        out.append(item)
+    return out
+
+
+def resolve_hf_model(cfg: RootConfig) -> None:
+    """train.init_from_hf: take the model config from the directory's config.json (model=from_hf),
+    or check the given one against it, naming every field that disagrees."""
+    t = cfg.train
+    if not t.init_from_hf:
+        if cfg.model.name == FROM_HF:
+            raise ConfigError("model=from_hf: needs train.init_from_hf=DIR (a Hugging Face "
+                              "checkpoint directory whose config.json describes the model)")
+        return
+    if t.init_from:
+        raise ConfigError(f"train.init_from={t.init_from!r} and train.init_from_hf={t.init_from_hf!r}: "
+                          f"set one (both give the initial weights)")
+    import dataclasses
+    import json
+
+    from model.hf.config_map import TRAINING_FIELDS, hf_to_model_config, model_config_mismatches
+
+    hf_dir = Path(t.init_from_hf)
+    if not (hf_dir / "config.json").is_file():
+        raise ConfigError(f"train.init_from_hf={t.init_from_hf!r}: no config.json there (expected a "
+                          f"Hugging Face checkpoint directory: config.json + *.safetensors)")
+    hf_config = json.loads((hf_dir / "config.json").read_text())
+    if cfg.model.name == FROM_HF:
+        from train.checkpoint.hf_convert import weights_mtp_depth
+
+        derived = hf_to_model_config(hf_config, hf_dir.resolve().name, weights_mtp_depth(hf_dir))
+        # Training knobs set on the command line (not at their defaults) win over config.json's.
+        default = ModelConfig()
+        knobs = {f: getattr(cfg.model, f) for f in TRAINING_FIELDS - {"name"}
+                 if getattr(cfg.model, f) != getattr(default, f)}
+        cfg.model = dataclasses.replace(derived, **knobs)
+        return
+    bad = model_config_mismatches(cfg.model, hf_config)
+    if bad:
+        raise ConfigError(f"train.init_from_hf={t.init_from_hf!r}: model={cfg.model.name!r} disagrees "
+                          f"with {hf_dir / 'config.json'}: {'; '.join(bad)} (model=from_hf takes the "
+                          f"model from config.json)")
 
 
 def validate_config(cfg: RootConfig) -> RootConfig:
     """Cross-field rules; raises ConfigError naming the field, the value and the rule."""
+    resolve_hf_model(cfg)
     cfg.model.validate("model")
     data_vision_fields(cfg)
     if hasattr(cfg.data, "validate"):

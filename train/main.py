@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from model.config import ConfigError
-from train.config import RootConfig, register_configs, unknown_keys, validate_config
+from train.config import RootConfig, apply_aliases, register_configs, unknown_keys, validate_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 log = logging.getLogger("train")
@@ -44,7 +44,8 @@ def load_config(overrides: list[str]) -> RootConfig:
     register_configs()
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            composed = compose(config_name="config", overrides=quote_brace_values(overrides))
+            composed = compose(config_name="config",
+                               overrides=apply_aliases(quote_brace_values(overrides)))
         unknown = unknown_keys(OmegaConf.to_container(composed, resolve=False), RootConfig)
         cfg = OmegaConf.to_object(composed)
     except (HydraException, OmegaConfBaseException) as e:
@@ -166,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_dir = Path(cfg.run_dir)
     rank = int(os.environ.get("RANK", "0"))  # torchrun sets it; the process group starts later
-    if rank == 0:
-        OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
+    # config.yaml is written by the trainer once the resume is accepted: a refused resume leaves it.
     setup_logging(run_dir, rank)
     if rank == 0:
         remove_stale_saves(checkpoint_dir(cfg))

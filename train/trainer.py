@@ -34,7 +34,7 @@ from parallel.collectives import StepWatchdog
 from parallel.distributed import init_distributed, rank, shutdown
 from parallel.grads import clip_grad_norm_, global_grad_norm
 from parallel.layout import pipeline_microbatches
-from parallel.materialize import materialize
+from parallel.materialize import materialize, reset_all_buffers
 from parallel.plan import parallelize
 from train import checkpoint as ckpt
 from train.config import RootConfig
@@ -86,7 +86,11 @@ class Trainer:
         self.runner.set_forward_context(self._forward_context)
         self.model = self.runner.model  # this rank's part, with the full model's names
         # Each rank initialises exactly its shards: the weights depend on (seed, name, index) only.
-        materialize(self.model, self.device, cfg.train.seed)
+        # Weights that train.init_from_hf fills (in restore) are only allocated here.
+        from_hf = bool(cfg.train.init_from_hf)
+        materialize(self.model, self.device, cfg.train.seed, values=not from_hf)
+        if from_hf:
+            reset_all_buffers(self.model)
         one = self.meshes is None
         dp_rank, self.dp_size = (0, 1) if one else (self.meshes.dp_rank, self.meshes.dp_size)
         self.world = 1 if one else self.meshes.layout.world
@@ -94,6 +98,11 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.loader = build_loader(cfg.data, dp_rank, self.dp_size)
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
+        self.async_ckpt = None
+        if cfg.checkpoint.async_save:
+            from train.checkpoint.async_save import AsyncCheckpointer
+
+            self.async_ckpt = AsyncCheckpointer(cfg.parallel.collective_timeout_s)
         self.step = 0
         self.skipped_steps = 0
         self.bad_streak = 0
@@ -118,27 +127,64 @@ class Trainer:
                 "skipped_steps": self.skipped_steps, "bad_streak": self.bad_streak,
                 "dp_rank": self.loader.dp_rank, "dp_size": self.dp_size}
 
-    def save(self) -> Path:
+    def save(self) -> Optional[Path]:
+        """Checkpoint this step (in the background under checkpoint.async_save); weights that are not
+        all finite are never committed. Returns the committed path (None when async or refused)."""
+        if not ckpt.weights_finite(self.model):
+            log.error("checkpoint of step %d NOT written: the weights hold non-finite values; the "
+                      "last good checkpoint stays the newest", self.step)
+            return None
+        c = self.cfg.checkpoint
+        if self.async_ckpt is not None:
+            self.async_ckpt.save(self.ckpt_dir, self.step, self.model, self.optimizer,
+                                 self._extra_state(), c.keep_last)
+            log.info("checkpoint of step %d staged to host memory in %.3f s; writing in the background",
+                     self.step, self.async_ckpt.staging_s)
+            return None
         path = ckpt.save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer,
-                                    self._extra_state(), self.cfg.checkpoint.keep_last)
+                                    self._extra_state(), c.keep_last)
         log.info("checkpoint committed: %s", path)
         return path
 
+    def _protect_last_good(self) -> None:
+        """A run of skipped steps starts: keep the newest checkpoint from before it out of
+        keep_last's reach (so the run can be rolled back from its own directory)."""
+        if self.async_ckpt is not None:
+            self.async_ckpt.wait()
+        kept = ckpt.protect_latest(self.ckpt_dir, self.step + 1)
+        if kept is not None:
+            log.warning("step %d is not finite: %s is kept whatever checkpoint.keep_last says (its "
+                        "KEEP file)", self.step + 1, kept)
+
     def restore(self) -> None:
-        """Resume per train.resume; else take weights from train.init_from if given."""
+        """Resume per train.resume (verifying checksums; a damaged newest checkpoint falls back to
+        the previous good one); else take weights from train.init_from or train.init_from_hf."""
         mode = self.cfg.train.resume
         path: Optional[Path] = None
         if mode == "auto":
-            path = ckpt.latest_checkpoint(self.ckpt_dir)
+            path = ckpt.resumable_checkpoint(self.ckpt_dir)
         elif mode != "never":
             path = Path(mode)
             if not (path / ckpt.MARKER).exists():
                 raise FileNotFoundError(f"train.resume={mode!r}: not a committed checkpoint "
                                         f"(no {ckpt.MARKER} file in it)")
+            problems = ckpt.verify_checkpoint(path)
+            if problems:
+                raise ValueError(f"train.resume={mode!r}: the checkpoint is damaged: "
+                                 f"{'; '.join(problems)}")
         if path is None:
-            if self.cfg.train.init_from:
-                ckpt.load_model_weights(self.cfg.train.init_from, self.model)
-                log.info("initialised weights from %s", self.cfg.train.init_from)
+            t = self.cfg.train
+            if t.init_from:
+                ckpt.load_model_weights(t.init_from, self.model)
+                log.info("initialised weights from %s", t.init_from)
+            elif t.init_from_hf:
+                from train.checkpoint.hf_shards import load_hf_shards
+
+                start = time.perf_counter()
+                stats = load_hf_shards(self.model, t.init_from_hf, self.cfg.model)
+                log.info("initialised weights from %s in %.1f s: this rank read %.1f MiB for its "
+                         "%.1f MiB of shards", t.init_from_hf, time.perf_counter() - start,
+                         stats["bytes_read"] / 2**20, stats["local_bytes"] / 2**20)
             return
         # Another parallel layout reshards the model and optimizer; a changed data-parallel size
         # hands the loader every old dp rank's state: it takes its virtual streams' from them.
@@ -212,6 +258,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
             self.bad_streak += 1
+            if self.bad_streak == 1:
+                self._protect_last_good()
             log.warning("step %d skipped: loss=%s grad_norm=%s", self.step + 1, sums["loss"], grad_norm)
             if self.bad_streak >= cfg.max_consecutive_bad_steps:
                 raise RuntimeError(
@@ -285,6 +333,8 @@ class Trainer:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.restore()
+        if self.is_main:  # after the resume was accepted: a refused one leaves the old config.yaml
+            OmegaConf.save(OmegaConf.structured(cfg), self.run_dir / "config.yaml")
         metrics = MetricsLogger(self.run_dir, cfg.logging.wandb, cfg.logging.project,
                                 cfg.logging.run_name,
                                 OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
@@ -331,15 +381,22 @@ class Trainer:
                     # default), so save now, not at the next interval.
                     path = self.save() if last_saved != self.step else ckpt.latest_checkpoint(
                         self.ckpt_dir)
+                    if self.async_ckpt is not None:  # committed before the process exits
+                        self.async_ckpt.wait()
+                        path = ckpt.latest_checkpoint(self.ckpt_dir)
                     raise Stopped(signum, self.step, path)
             if watchdog is not None:
                 watchdog.begin("the final checkpoint save and report")
             if (cfg.checkpoint.save_final or self.step < cfg.train.max_steps) \
                     and last_saved != self.step:
                 self.save()
+            if self.async_ckpt is not None:
+                self.async_ckpt.wait()
             self.final_report()
         finally:
             stop.uninstall()
+            if self.async_ckpt is not None:
+                self.async_ckpt.close()
             if watchdog is not None:
                 watchdog.close()
             metrics.close()

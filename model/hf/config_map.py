@@ -17,6 +17,7 @@ Only json is read here: transformers is not needed at run time.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -293,3 +294,52 @@ def model_to_hf_config(cfg: ModelConfig, family: str, base: Optional[dict] = Non
                vision_start_token_id=v.vision_start_token_id, vision_end_token_id=v.vision_end_token_id,
                tie_word_embeddings=cfg.tie_word_embeddings, dtype=dtype)
     return out
+
+
+# ---- a given model config against config.json ---------------------------------------------------
+
+# Knobs of training, not of the weights or the function they compute: a run may set its own.
+TRAINING_FIELDS = {"name", "initializer_range", "max_position_embeddings", "router_aux_loss_coef",
+                   "router_z_loss_coef", "router_bias_balancing", "router_bias_update_rate",
+                   "mtp_loss_coef"}
+
+
+def model_config_mismatches(cfg: ModelConfig, hf_config: dict) -> list[str]:
+    """'model.FIELD=ours, config.json says theirs' for every field of `cfg` that disagrees with the
+    model config.json describes ([] when they agree). The layer pattern and M-RoPE sections are
+    compared as resolved; an MTP depth of 0 is allowed against a checkpoint with MTP weights (they
+    are left out)."""
+    hf = hf_to_model_config(hf_config, cfg.name)
+    out = []
+
+    def differ(field: str, ours: Any, theirs: Any) -> None:
+        if ours != theirs:
+            out.append(f"model.{field}={ours!r}, config.json says {theirs!r}")
+
+    skip = TRAINING_FIELDS | {"layer_types", "full_attention_interval", "mrope_section", "vision",
+                              "mtp_num_layers", "mlp_only_layers"}
+    if hf.mlp_type == "moe" and not hf.mlp_only_layers:  # no dense MLP: its width is unused
+        skip |= {"intermediate_size"}
+    if hf.mlp_type == "dense":
+        skip |= {"num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                 "shared_expert_intermediate_size", "norm_topk_prob"}
+    for f in dataclasses.fields(ModelConfig):
+        if f.name not in skip:
+            differ(f.name, getattr(cfg, f.name), getattr(hf, f.name))
+    differ("layer_types (resolved)", cfg.resolved_layer_types(), hf.resolved_layer_types())
+    if hf.mlp_type == "moe":
+        differ("mlp_only_layers", sorted(cfg.mlp_only_layers), sorted(hf.mlp_only_layers))
+    if fam_has_mrope(hf_config):
+        differ("mrope_section (resolved)", cfg.resolved_mrope_section(), hf.resolved_mrope_section())
+    if cfg.mtp_num_layers not in (0, hf.mtp_num_layers):
+        differ("mtp_num_layers", cfg.mtp_num_layers, hf.mtp_num_layers)
+    if (cfg.vision is None) != (hf.vision is None):
+        differ("vision", "set" if cfg.vision else None, "set" if hf.vision else None)
+    elif cfg.vision is not None:
+        for f in dataclasses.fields(cfg.vision):
+            differ(f"vision.{f.name}", getattr(cfg.vision, f.name), getattr(hf.vision, f.name))
+    return out
+
+
+def fam_has_mrope(hf_config: dict) -> bool:
+    return family_of(hf_config).name != "qwen3_next"

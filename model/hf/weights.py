@@ -22,7 +22,7 @@ Qwen3-Next MTP module); deeper project MTP stacks have one fc/norm set per depth
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -33,12 +33,27 @@ from model.hf.config_map import Family
 Tensors = list[torch.Tensor]
 
 
+@dataclass(frozen=True)
+class Part:
+    """Where a region of a project tensor lives in the HF checkpoint: the project tensor's
+    [*lead, rows[0]:rows[1], ...] is HF tensor `key`'s [hf_row0 : hf_row0 + rows[1] - rows[0], ...]
+    (the trailing dims map one to one). rows=None: the whole dim. `lead` indexes leading project
+    dims the HF tensor does not have (the expert of a per-expert tensor). A rank reading its shard
+    of the project tensor reads only the HF slices its region overlaps (train/checkpoint/hf_shards.py)."""
+    key: str
+    rows: Optional[tuple[int, int]] = None
+    hf_row0: int = 0
+    lead: tuple[int, ...] = ()
+
+
 @dataclass
 class Rule:
     ours: list[str]                               # project state-dict keys
     theirs: list[str]                             # HF state-dict keys
     to_ours: Callable[[Tensors], Tensors]
     to_theirs: Callable[[Tensors], Tensors]
+    # project key -> the HF regions that make it up, in any order (empty list: no HF source, zeros)
+    parts: dict[str, list[Part]] = field(default_factory=dict)
 
 
 def _same(ts: Tensors) -> Tensors:
@@ -46,7 +61,7 @@ def _same(ts: Tensors) -> Tensors:
 
 
 def rename(ours: str, theirs: str) -> Rule:
-    return Rule([ours], [theirs], _same, _same)
+    return Rule([ours], [theirs], _same, _same, {ours: [Part(theirs)]})
 
 
 # ---- Qwen3-Next fused GDN projections -----------------------------------------------------------
@@ -71,8 +86,17 @@ def next_gdn_rule(ours: str, theirs: str, cfg: ModelConfig) -> Rule:
         ba = torch.cat([b.view(hk, r, d), a.view(hk, r, d)], dim=1).reshape(-1, d)
         return [qkvz, ba]
 
+    # Per key head h: rows of q, k, v, z at offsets 0, dk, 2dk, 2dk + r*dv of its qkvz group; b, a
+    # at 0, r of its ba group.
+    group = {"q": (dk, 0), "k": (dk, dk), "v": (r * dv, 2 * dk), "z": (r * dv, 2 * dk + r * dv)}
+    parts = {f"{ours}in_proj_{n}.weight": [
+        Part(f"{theirs}in_proj_qkvz.weight", (h * size, (h + 1) * size), h * (2 * dk + 2 * r * dv) + off)
+        for h in range(hk)] for n, (size, off) in group.items()}
+    parts.update({f"{ours}in_proj_{n}.weight": [
+        Part(f"{theirs}in_proj_ba.weight", (h * r, (h + 1) * r), h * 2 * r + off) for h in range(hk)]
+        for n, off in (("b", 0), ("a", r))})
     return Rule([f"{ours}in_proj_{n}.weight" for n in "qkvzba"],
-                [f"{theirs}in_proj_qkvz.weight", f"{theirs}in_proj_ba.weight"], to_ours, to_theirs)
+                [f"{theirs}in_proj_qkvz.weight", f"{theirs}in_proj_ba.weight"], to_ours, to_theirs, parts)
 
 
 def split_qkv_rule(ours: str, theirs: str, cfg: ModelConfig, kind: str) -> Rule:
@@ -83,12 +107,16 @@ def split_qkv_rule(ours: str, theirs: str, cfg: ModelConfig, kind: str) -> Rule:
     names = ([f"{ours}in_proj_{n}.weight" for n in "qkv"] if kind == "proj"
              else [f"{ours}conv_{n}.weight" for n in "qkv"])
     theirs_key = f"{theirs}in_proj_qkv.weight" if kind == "proj" else f"{theirs}conv1d.weight"
-    return Rule(names, [theirs_key], lambda ts: list(ts[0].split(sizes)), lambda ts: [torch.cat(ts)])
+    starts = [0, sizes[0], sizes[0] + sizes[1]]
+    parts = {n: [Part(theirs_key, (0, size), start)] for n, size, start in zip(names, sizes, starts)}
+    return Rule(names, [theirs_key], lambda ts: list(ts[0].split(sizes)), lambda ts: [torch.cat(ts)],
+                parts)
 
 
 # ---- experts -------------------------------------------------------------------------------------
 
-def per_expert_rules(ours: str, theirs: str, num_experts: int) -> list[Rule]:
+def per_expert_rules(ours: str, theirs: str, num_experts: int, inter: int) -> list[Rule]:
+    """`inter`: an expert's intermediate size I (gate and up each have I rows)."""
     gate = [f"{theirs}experts.{e}.gate_proj.weight" for e in range(num_experts)]
     up = [f"{theirs}experts.{e}.up_proj.weight" for e in range(num_experts)]
     down = [f"{theirs}experts.{e}.down_proj.weight" for e in range(num_experts)]
@@ -101,9 +129,13 @@ def per_expert_rules(ours: str, theirs: str, num_experts: int) -> list[Rule]:
         g, u = ts[0].chunk(2, dim=1)
         return list(g.unbind(0)) + list(u.unbind(0))
 
-    return [Rule([f"{ours}experts.gate_up_proj"], gate + up, gate_up_to_ours, gate_up_to_theirs),
+    gate_up_parts = [Part(k, (i * inter, (i + 1) * inter), 0, (e,))
+                     for i, keys in enumerate((gate, up)) for e, k in enumerate(keys)]
+    return [Rule([f"{ours}experts.gate_up_proj"], gate + up, gate_up_to_ours, gate_up_to_theirs,
+                 {f"{ours}experts.gate_up_proj": gate_up_parts}),
             Rule([f"{ours}experts.down_proj"], down, lambda ts: [torch.stack(ts)],
-                 lambda ts: list(ts[0].unbind(0)))]
+                 lambda ts: list(ts[0].unbind(0)),
+                 {f"{ours}experts.down_proj": [Part(k, None, 0, (e,)) for e, k in enumerate(down)]})]
 
 
 def expert_bias_rule(key: str, num_experts: int) -> Rule:
@@ -114,7 +146,7 @@ def expert_bias_rule(key: str, num_experts: int) -> Rule:
                              f"bias, so the exported model would route differently")
         return []
 
-    return Rule([key], [], lambda ts: [torch.zeros(num_experts)], to_theirs)
+    return Rule([key], [], lambda ts: [torch.zeros(num_experts)], to_theirs, {key: []})
 
 
 # ---- layers --------------------------------------------------------------------------------------
@@ -148,7 +180,7 @@ def layer_rules(cfg: ModelConfig, fam: Family, ours: str, theirs: str, layer_typ
     if fused_experts(t):
         rules += [rename(f"{o}experts.{n}", f"{t}experts.{n}") for n in ("gate_up_proj", "down_proj")]
     else:
-        rules += per_expert_rules(o, t, cfg.num_experts)
+        rules += per_expert_rules(o, t, cfg.num_experts, cfg.moe_intermediate_size)
     if cfg.shared_expert_intermediate_size > 0:
         rules += [rename(f"{o}shared_expert.{n}.weight", f"{t}shared_expert.{n}.weight")
                   for n in ("gate_proj", "up_proj", "down_proj")]
@@ -163,8 +195,10 @@ def model_rules(cfg: ModelConfig, fam: Family, vision_keys: Iterable[str] = (),
     p = fam.text_prefix
     types = cfg.resolved_layer_types()
     if cfg.tie_word_embeddings:
+        tied = [Part(f"{p}embed_tokens.weight")]
         rules = [Rule(["embed_tokens.weight", "lm_head.weight"], [f"{p}embed_tokens.weight"],
-                      lambda ts: [ts[0], ts[0]], lambda ts: [ts[0]])]
+                      lambda ts: [ts[0], ts[0]], lambda ts: [ts[0]],
+                      {"embed_tokens.weight": tied, "lm_head.weight": tied})]
     else:
         rules = [rename("embed_tokens.weight", f"{p}embed_tokens.weight"),
                  rename("lm_head.weight", "lm_head.weight")]

@@ -1,8 +1,12 @@
 """Checkpoints with torch.distributed.checkpoint (DCP): sharded, committed atomically, keep-last-k.
 
-Layout: <dir>/step_<8 digits>/ holds a committed checkpoint (DCP files plus a COMMITTED marker).
-A checkpoint is written under <dir>/.tmp_step_<8 digits>/ and renamed when complete, so a crash
-mid-write never leaves a directory that looks committed; leftovers of such crashes are removed.
+Layout: <dir>/step_<8 digits>/ holds a committed checkpoint (DCP files plus the COMMITTED commit
+record with every file's checksum, train/checkpoint/commit.py). A checkpoint is written under
+<dir>/.tmp_step_<8 digits>/ and renamed when complete, so a crash mid-write never leaves a
+directory that looks committed; leftovers of such crashes are removed. Resume verifies the
+checksums, and a damaged newest checkpoint is moved aside (damaged_step_N) in favour of the newest
+good one. A checkpoint holding a `KEEP` file (the last one before a run of skipped non-finite
+steps) is never pruned.
 
 Loading onto another parallel layout (tp, ep, pp, dp_shard, world size): DCP reshards the model's
 and the optimizer's DTensors by their global shapes. The optimizer state is saved *flattened*, keyed
@@ -16,6 +20,7 @@ when the data-parallel size changed it gets every old data-parallel rank's extra
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import pickle
 import re
@@ -27,9 +32,15 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
+from train.checkpoint.commit import (MARKER, check_files, checksum_files, fsync_dir, own_files,
+                                     read_record, write_record)
+
+log = logging.getLogger("train.checkpoint")
 STEP_DIR = re.compile(r"^step_(\d{8})$")
-MARKER = "COMMITTED"
+KEEP = "KEEP"
+DAMAGED_PREFIX = "damaged_"
 LAYOUT_KEY = "layout"
 FLAT_OPTIM = StateDictOptions(flatten_optimizer_state_dict=True)
 # Checkpoints written before the flattened format keep per-group lists: loadable in the same layout.
@@ -149,45 +160,168 @@ def _is_disk_full(e: BaseException) -> bool:
     return False
 
 
-def save_checkpoint(ckpt_dir: str | Path, step: int, model, optimizer, extra: dict[str, Any],
-                    keep_last: int = 0) -> Path:
-    """Write, commit atomically, then prune to the newest `keep_last` (0 keeps all). Raises
-    DiskFullError (on every rank) when the checkpoint does not fit: checked before writing,
-    against the total of every rank's shards, and again if the write itself fails."""
-    ckpt_dir = Path(ckpt_dir)
-    final = ckpt_dir / step_dir_name(step)
+def prepare_dir(ckpt_dir: Path, step: int) -> Path:
+    """Rank 0 clears <dir>/.tmp_step_N; every rank returns its path (collective)."""
     tmp = ckpt_dir / f".tmp_{step_dir_name(step)}"
     if _is_main():
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
-    state = training_state(model, optimizer, extra)
-    state[LAYOUT_KEY] = _layout_record(extra)
-    need = _sum_ranks(state_nbytes(state))  # checkpoints live on one shared filesystem
+    return tmp
+
+
+def check_space(state: dict[str, Any], ckpt_dir: Path, step: int) -> None:
+    """Raise DiskFullError on every rank when `state` cannot fit in ckpt_dir: the total of every
+    rank's shards (checkpoints live on one shared filesystem) against its free space (collective)."""
+    need = _sum_ranks(state_nbytes(state))
     free = shutil.disk_usage(ckpt_dir).free
     if _agree(free < need):
         raise DiskFullError(_disk_full_message(ckpt_dir, step, need, free))
+
+
+def checkpoint_state(model, optimizer, extra: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint holds: the training state plus the layout record (collective)."""
+    state = training_state(model, optimizer, extra)
+    state[LAYOUT_KEY] = _layout_record(extra)
+    return state
+
+
+def write_and_commit(state: dict[str, Any], ckpt_dir: Path, step: int, keep_last: int,
+                     group=None) -> Path:
+    """Write `state` into .tmp_step_N (prepared by prepare_dir), checksum each rank's own files,
+    and let rank 0 write the commit record, rename the directory and prune. Collective over
+    `group` (None: the default group); the asynchronous saver runs it on a thread of its own."""
+    tmp, final = ckpt_dir / f".tmp_{step_dir_name(step)}", ckpt_dir / step_dir_name(step)
+    rank = dist.get_rank(group) if dist.is_initialized() else 0
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
     try:
-        dcp.save(state, checkpoint_id=str(tmp))
+        dcp.save(state, checkpoint_id=str(tmp), process_group=group)
     except (Exception, dcp.api.CheckpointException) as e:  # the latter is a BaseException
         free = shutil.disk_usage(ckpt_dir).free
-        if _is_main():
+        if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         if _is_disk_full(e) or free < 2 ** 20:
+            need = state_nbytes(state) * world  # no collective on a failure path: this rank's x world
             raise DiskFullError(_disk_full_message(ckpt_dir, step, need, free,
                                                    f" (the write failed: {type(e).__name__})")) from e
         raise
-    _barrier()
-    if _is_main():
-        (tmp / MARKER).write_text(f"{step}\n")
-        _fsync_dir(tmp)
+    sums = checksum_files(tmp, own_files(tmp, rank))
+    gathered = [sums] * world
+    if world > 1:
+        # .metadata is written by rank 0 after every rank's data: all files exist by now.
+        dist.all_gather_object(gathered, sums, group=group)
+    if rank == 0:
+        write_record(tmp, step, {k: v for part in gathered for k, v in part.items()})
+        fsync_dir(tmp)
         if final.exists():  # re-saving the same step (e.g. final save after a periodic one)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(ckpt_dir)
+        fsync_dir(ckpt_dir)
         prune(ckpt_dir, keep_last)
-    _barrier()
+    if world > 1:
+        dist.barrier(group=group)
     return final
+
+
+def save_checkpoint(ckpt_dir: str | Path, step: int, model, optimizer, extra: dict[str, Any],
+                    keep_last: int = 0) -> Path:
+    """Write, commit atomically with checksums, then prune to the newest `keep_last` (0 keeps all).
+    Raises DiskFullError (on every rank) when the checkpoint does not fit: checked before writing,
+    against the total of every rank's shards, and again if the write itself fails."""
+    ckpt_dir = Path(ckpt_dir)
+    prepare_dir(ckpt_dir, step)
+    state = checkpoint_state(model, optimizer, extra)
+    check_space(state, ckpt_dir, step)
+    return write_and_commit(state, ckpt_dir, step, keep_last)
+
+
+def weights_finite(model) -> bool:
+    """Whether every rank's parameters are all finite (collective: every rank gets the answer)."""
+    ok = all(bool(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all())
+             for p in model.parameters())
+    if dist.is_initialized():
+        device = next(model.parameters()).device
+        flag = torch.tensor([1.0 if ok else 0.0],
+                            device=device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        ok = bool(flag.item() == 1.0)
+    return ok
+
+
+# ---- verification and fallback ------------------------------------------------------------------
+
+def verify_checkpoint(path: Path) -> Optional[list[str]]:
+    """The problems of a committed checkpoint ([] when every file matches its commit record; None
+    when the record predates checksums). Collective: each rank checks a share of the files."""
+    rank, world = _rank_world()
+    try:
+        record = read_record(path)
+        problems: list[str] = []
+        files = sorted(record["files"].items()) if record else []
+        problems = check_files(path, dict(files[rank::world]))
+    except (OSError, ValueError) as e:
+        record, problems = {}, [f"{MARKER}: {e}"]
+    if world > 1:
+        everyone: list = [None] * world
+        dist.all_gather_object(everyone, problems)
+        problems = sorted({p for part in everyone for p in part})
+    return None if record is None else problems
+
+
+def resumable_checkpoint(ckpt_dir: Path) -> Optional[Path]:
+    """The newest committed checkpoint that verifies. A damaged one is reported, naming its bad
+    files, and renamed to damaged_step_N (out of resume's and pruning's way, kept for a look);
+    the previous one is tried next. Collective."""
+    for path in reversed(committed_checkpoints(ckpt_dir)):
+        problems = verify_checkpoint(path)
+        if problems is None:
+            log.warning("%s has no checksums (written by an older version): resuming unverified", path)
+            return path
+        if not problems:
+            log.info("checkpoint %s verified (%s)", path.name, "checksums of every file match")
+            return path
+        aside = path.parent / f"{DAMAGED_PREFIX}{path.name}"
+        log.error("checkpoint %s is damaged: %s; moved to %s; falling back to the previous "
+                  "committed checkpoint", path, "; ".join(problems), aside.name)
+        _barrier()
+        if _is_main():
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(path, aside)
+        _barrier()
+    return None
+
+
+def check_model_matches(path: Path, model, meta=None) -> None:
+    """Refuse (ValueError naming the parameter) a checkpoint whose model state has keys this model
+    lacks, lacks keys it has, or holds another global shape: DCP would drop the first silently.
+    FP8 scaling state (`fp8_*`, `_extra_state`) is the precision config's business, not checked.
+    Collective: the keys held by no rank are the extra ones (a pipeline stage holds only its own)."""
+    meta = meta if meta is not None else dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    ours = {k: v for k, v in get_state_dict(model, [])[0].items()}
+    saved = {k[len("model."):]: m for k, m in meta.items() if k.startswith("model.")}
+
+    def ignorable(k: str) -> bool:
+        return "fp8_" in k or k.endswith("_extra_state")
+
+    everyone = set(ours)
+    if dist.is_initialized() and dist.get_world_size() > 1:  # pipeline stages hold parts of it
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, sorted(ours))
+        everyone = {k for part in parts for k in part}
+    extra = sorted(k for k in saved if k not in everyone and not ignorable(k))
+    missing = sorted(k for k in ours if k not in saved and not ignorable(k))
+    hint = "resume with the model config the checkpoint was written with, or start a new run_dir"
+    if extra:
+        raise ValueError(f"checkpoint {path} does not match the model: it holds model.{extra[0]} "
+                         f"({len(extra)} parameter(s) in all) that this model does not have; {hint}")
+    if missing:
+        raise ValueError(f"checkpoint {path} does not match the model: it lacks model.{missing[0]} "
+                         f"({len(missing)} parameter(s) in all); {hint}")
+    for k, t in ours.items():
+        size = getattr(saved[k], "size", None) if k in saved else None
+        if isinstance(t, torch.Tensor) and size is not None and tuple(size) != tuple(t.shape):
+            raise ValueError(f"checkpoint {path} does not match the model: model.{k} has shape "
+                             f"{tuple(size)} there, {tuple(t.shape)} here; {hint}")
 
 
 def load_checkpoint(path: str | Path, model, optimizer, dp_rank: int = 0,
@@ -198,6 +332,7 @@ def load_checkpoint(path: str | Path, model, optimizer, dp_rank: int = 0,
     same data position). When the data-parallel size changed, the extra of old dp rank 0 is returned
     with `dp_extras`: the extras of every old dp rank, in dp-rank order, to remap the loader from."""
     meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    check_model_matches(Path(path), model, meta)
     grouped = GROUPED_OPTIM_KEY in meta
     saved_groups = sum(1 for k in meta if k.startswith("optim.param_groups.") and k.endswith(".params"))
     if grouped and saved_groups != len(optimizer.param_groups):
@@ -253,19 +388,28 @@ def load_model_weights(path: str | Path, model) -> None:
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:
+    """Remove crash leftovers and all but the newest `keep_last` committed checkpoints, except
+    those protected by a KEEP file (see protect_latest)."""
     for leftover in ckpt_dir.glob(".tmp_step_*"):
         shutil.rmtree(leftover, ignore_errors=True)
     if keep_last > 0:
         for old in committed_checkpoints(ckpt_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            if not (old / KEEP).exists():
+                shutil.rmtree(old, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def protect_latest(ckpt_dir: Path, before_step: int) -> Optional[Path]:
+    """Mark the newest committed checkpoint of a step < before_step as never to be pruned (rank 0
+    writes a KEEP file into it): the last one before a run of skipped non-finite steps, so that a
+    diverging run can be rolled back from its own directory whatever checkpoint.keep_last says."""
+    older = [p for p in committed_checkpoints(ckpt_dir)
+             if int(STEP_DIR.match(p.name).group(1)) < before_step]
+    if not older:
+        return None
+    if _is_main() and not (older[-1] / KEEP).exists():
+        (older[-1] / KEEP).write_text(f"the last checkpoint before the non-finite step {before_step}; "
+                                      f"delete this file to let checkpoint.keep_last prune it\n")
+    return older[-1]
 
 
 def rng_state() -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """Import a Hugging Face checkpoint into the project (DCP checkpoint or in-memory model) and export
-a project checkpoint back to a Hugging Face directory.
+a project checkpoint back to a Hugging Face directory. The name and layout mapping is model/hf's
+(pure functions); the files are read and written here.
 
 An imported checkpoint directory CKPT holds:
 - the DCP files of the model state (what `train.init_from=CKPT` / `train/checkpoint.load_model_weights`
-  read) and the COMMITTED marker; the directory appears under its final name only when complete;
+  read) and the COMMITTED commit record (checksums); the directory appears under its final name only when complete;
 - `configs/model/hf.yaml`: the ModelConfig, a Hydra config group file, so that
   `python -m train.main model=hf hydra.searchpath=[file://CKPT/configs] train.init_from=CKPT` trains it;
 - `hf_config.json` (the source config.json, reused by export for fields the project does not model)
@@ -24,15 +25,16 @@ import torch
 from model.config import ConfigError, ModelConfig, load_model_config
 from model.hf.config_map import (FAMILIES, Family, default_family, family_of, hf_to_model_config,
                                  model_to_hf_config)
-from model.hf.io import (SIDE_FILES, HFReader, dcp_model_shapes, dtype_name, find_run_config,
-                         fsync_dir, load_dcp_tensors, save_dcp_lazily, write_hf_shards)
 from model.hf.weights import Rule, check_rules_cover, expected_hf_shapes, model_rules
 from model.params import build_meta
+from train.checkpoint.commit import checksum_files, write_record
+from train.checkpoint.hf_dcp import dcp_model_shapes, find_run_config, load_dcp_tensors, save_dcp_lazily
+from train.checkpoint.hf_files import (INDEX, SIDE_FILES, SINGLE, HFReader, SafetensorsWriter,
+                                       dtype_name, fsync_dir)
 
 MODEL_YAML = Path("configs") / "model" / "hf.yaml"
 HF_CONFIG = "hf_config.json"
 HF_EXTRA = "hf_extra"
-MARKER = "COMMITTED"
 
 
 class ConversionError(ValueError):
@@ -56,15 +58,27 @@ def _mtp_depth(hf_keys: set[str], skip_mtp: bool) -> int:
     return 1
 
 
+def weights_mtp_depth(hf_dir: Union[str, Path]) -> int:
+    """The MTP depth the directory's weights hold (0 or 1), from the index alone."""
+    return _mtp_depth(set(HFReader(hf_dir).keys()), skip_mtp=False)
+
+
 class ImportPlan:
     """The rules of an HF directory, checked against its tensors before anything is written."""
 
-    def __init__(self, hf_dir: Union[str, Path], name: Optional[str] = None, skip_mtp: bool = False):
+    def __init__(self, hf_dir: Union[str, Path], name: Optional[str] = None, skip_mtp: bool = False,
+                 cfg: Optional[ModelConfig] = None):
+        """cfg: the model to load into (checked against config.json by the caller); default: the
+        one config.json describes."""
         self.reader = HFReader(hf_dir)
         self.family: Family = family_of(self.reader.config)
         hf_keys = set(self.reader.keys())
         name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", Path(hf_dir).resolve().name)
-        self.cfg = hf_to_model_config(self.reader.config, name, _mtp_depth(hf_keys, skip_mtp))
+        if cfg is not None:
+            skip_mtp = skip_mtp or cfg.mtp_num_layers == 0
+            self.cfg = cfg
+        else:
+            self.cfg = hf_to_model_config(self.reader.config, name, _mtp_depth(hf_keys, skip_mtp))
         self.our_shapes = _our_shapes(self.cfg)
         self.rules = model_rules(
             self.cfg, self.family, [k for k in self.our_shapes if k.startswith("visual.")],
@@ -126,7 +140,8 @@ def import_checkpoint(hf_dir: Union[str, Path], out: Union[str, Path], name: Opt
         (tmp / HF_EXTRA).mkdir()
         for f in extras:
             shutil.copy2(plan.reader.dir / f, tmp / HF_EXTRA / f)
-    (tmp / MARKER).write_text("imported\n")
+    # The commit record of a trainer checkpoint: step 0 and every top-level file's checksum.
+    write_record(tmp, 0, checksum_files(tmp, sorted(f.name for f in tmp.iterdir() if f.is_file())))
     fsync_dir(tmp)
     if out.exists():
         shutil.rmtree(out)
@@ -189,30 +204,97 @@ def resolve_model_config(ckpt: Path, model: Union[None, str, ModelConfig] = None
                       f"config.yaml two levels up; pass --model NAME_OR_YAML")
 
 
-def _source_hf_config(ckpt: Path) -> Optional[dict]:
-    """The config.json the weights came from: saved by import, or found through the run's
-    train.init_from when the checkpoint is a run that started from an import."""
-    if (ckpt / HF_CONFIG).exists():
-        return json.loads((ckpt / HF_CONFIG).read_text())
+def _run_config(ckpt: Path) -> dict:
+    """The run's resolved config.yaml as a dict ({} when the checkpoint is not a run's)."""
     run_cfg = find_run_config(ckpt)
-    if run_cfg is not None:
-        from omegaconf import OmegaConf
+    if run_cfg is None:
+        return {}
+    from omegaconf import OmegaConf
 
-        init = OmegaConf.load(run_cfg).get("train", {}).get("init_from")
-        if init and (Path(init) / HF_CONFIG).exists():
-            return json.loads((Path(init) / HF_CONFIG).read_text())
+    return OmegaConf.to_container(OmegaConf.load(run_cfg))
+
+
+def _hf_source_dirs(ckpt: Path) -> list[Path]:
+    """Where the weights' HF config and tokenizer files are, most specific first: an import's own
+    copies (CKPT/hf_config.json, CKPT/hf_extra/), those of the run's `train.init_from` import, and
+    the run's `train.init_from_hf` directory."""
+    train = _run_config(ckpt).get("train", {})
+    dirs = [ckpt]
+    if train.get("init_from"):
+        dirs.append(Path(train["init_from"]))
+    if train.get("init_from_hf"):
+        dirs.append(Path(train["init_from_hf"]))
+    return dirs
+
+
+def _source_hf_config(ckpt: Path) -> Optional[dict]:
+    """The config.json the weights came from (see _hf_source_dirs), or None."""
+    for d in _hf_source_dirs(ckpt):
+        if (d / HF_CONFIG).exists():                    # an import
+            return json.loads((d / HF_CONFIG).read_text())
+        if d != ckpt and (d / "config.json").exists():  # an HF directory
+            return json.loads((d / "config.json").read_text())
     return None
 
 
+def _side_files(ckpt: Path) -> dict[str, Path]:
+    """The tokenizer, processor and generation files to ship with an export: each name from the
+    first HF source that has it (see _hf_source_dirs); without a tokenizer there, the run's
+    `data.tokenizer` (a tokenizer.json; the shipped smoke tokenizer when unset)."""
+    found: dict[str, Path] = {}
+    for d in _hf_source_dirs(ckpt):
+        for where in ((d / HF_EXTRA, d) if d != ckpt else (d / HF_EXTRA,)):
+            for f in SIDE_FILES:
+                if (where / f).is_file():
+                    found.setdefault(f, where / f)
+    if "tokenizer.json" not in found and find_run_config(ckpt) is not None:
+        from data.tokenizer import SMOKE_TOKENIZER_PATH
+
+        tok = _run_config(ckpt).get("data", {}).get("tokenizer") or SMOKE_TOKENIZER_PATH
+        if Path(tok).is_file():
+            found["tokenizer.json"] = Path(tok)
+    return found
+
+
+def _tokenizer_config(tokenizer_json: Path) -> dict:
+    """A tokenizer_config.json for a bare tokenizer.json, so that AutoTokenizer loads the export."""
+    added = json.loads(tokenizer_json.read_text()).get("added_tokens", [])
+    names = {t["content"] for t in added}
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    for field, cand in (("eos_token", ("<|endoftext|>", "<|im_end|>")), ("pad_token", ("<|pad|>",))):
+        tok = next((c for c in cand if c in names), None)
+        if tok:
+            cfg[field] = tok
+    return cfg
+
+
+def export_dtype(ckpt: Path) -> torch.dtype:
+    """The dtype of the HF checkpoint the weights were imported from; bfloat16 when there is none."""
+    from train.checkpoint.hf_files import HF_DTYPE_NAMES
+
+    base = _source_hf_config(ckpt) or {}
+    for c in (base, base.get("text_config") or {}):
+        for f in ("dtype", "torch_dtype"):
+            if c.get(f) in HF_DTYPE_NAMES:
+                return HF_DTYPE_NAMES[c[f]]
+    return torch.bfloat16
+
+
 def export_checkpoint(ckpt: Union[str, Path], out: Union[str, Path], family: Optional[str] = None,
-                      model: Union[None, str, ModelConfig] = None, dtype: torch.dtype = torch.bfloat16,
+                      model: Union[None, str, ModelConfig] = None, dtype: Optional[torch.dtype] = None,
                       max_shard_bytes: int = 5 * 2 ** 30, fused_experts: bool = False,
-                      skip_mtp: bool = False, overwrite: bool = False) -> Path:
-    """Write config.json + safetensors shards of a project DCP checkpoint (an import, or a trainer's
-    <run>/checkpoints/step_N) that transformers loads as `family`'s class."""
+                      skip_mtp: bool = False, overwrite: bool = False,
+                      load_bytes: int = 1 << 30) -> Path:
+    """Write config.json, safetensors shards + model.safetensors.index.json and the tokenizer
+    files of a project DCP checkpoint (an import, or a trainer's sharded <run>/checkpoints/step_N)
+    that transformers loads as `family`'s class. dtype None: the source HF checkpoint's
+    (export_dtype). Streams: the rules' tensors are read from DCP in batches of about `load_bytes`
+    (one DCP read each; a larger rule alone), converted and appended to their shard file tensor by
+    tensor, so memory holds one batch (or one rule's tensors: an expert stack), never the model."""
     ckpt, out = Path(ckpt), Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    dtype = dtype or export_dtype(ckpt)
     cfg = resolve_model_config(ckpt, model)
     if skip_mtp:
         cfg = dataclasses.replace(cfg, mtp_num_layers=0)
@@ -238,47 +320,52 @@ def export_checkpoint(ckpt: Union[str, Path], out: Union[str, Path], family: Opt
     check_rules_cover(rules, ours)
     hf_shapes = expected_hf_shapes(rules, ours)
     size = torch.empty((), dtype=dtype).element_size()
-    groups = [(r.theirs, sum(hf_shapes[k].numel() for k in r.theirs) * size) for r in rules]
-
-    def produce(idx: list[int]) -> dict[str, torch.Tensor]:
-        need = [k for i in idx for k in rules[i].ours]
-        loaded = load_dcp_tensors(ckpt, need, stored)
-        out_t: dict[str, torch.Tensor] = {}
-        for i in idx:
-            r = rules[i]
-            ts = r.to_theirs([loaded[k] for k in r.ours])
-            out_t.update({k: t.to(dtype) for k, t in zip(r.theirs, ts)})
-        return out_t
+    group_bytes = [sum(hf_shapes[k].numel() for k in r.theirs) * size for r in rules]
+    shards = plan_shards(group_bytes, max_shard_bytes)
 
     tmp = out.parent / f".tmp_{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write_hf_shards(tmp, groups, produce, max_shard_bytes)
+    weight_map, total = {}, 0
+    for n, idx in enumerate(shards):
+        name = SINGLE if len(shards) == 1 else f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+        entries = [(k, hf_shapes[k], dtype) for i in idx for k in rules[i].theirs]
+        writer = SafetensorsWriter(tmp / name, entries)
+        for batch in plan_shards([group_bytes[i] for i in idx], load_bytes):
+            rs = [rules[idx[j]] for j in batch]
+            loaded = load_dcp_tensors(ckpt, [k for r in rs for k in r.ours], stored)
+            for r in rs:
+                for k, t in zip(r.theirs, r.to_theirs([loaded[k] for k in r.ours])):
+                    writer.write(k, t.to(dtype))
+            del loaded
+        writer.close()
+        total += writer.total
+        weight_map.update({k: name for k, _, _ in entries})
+    # transformers reads the index whenever there is one; a single file gets one too.
+    (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                        indent=2) + "\n")
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    if (ckpt / HF_EXTRA).is_dir():
-        for f in (ckpt / HF_EXTRA).iterdir():
-            shutil.copy2(f, tmp / f.name)
+    for name, source in _side_files(ckpt).items():
+        shutil.copy2(source, tmp / name)
+    if (tmp / "tokenizer.json").exists() and not (tmp / "tokenizer_config.json").exists():
+        (tmp / "tokenizer_config.json").write_text(
+            json.dumps(_tokenizer_config(tmp / "tokenizer.json"), indent=2) + "\n")
+    fsync_dir(tmp)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
     return out
 
 
-def to_hf_state_dict(model, family: Optional[str] = None, fused_experts: bool = False
-                     ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config.json dict, HF state dict) of an in-memory project model, e.g. to build the matching
-    transformers model without files (benchmarks). fused_experts=True gives the names of
-    transformers' modules (experts.gate_up_proj), False those of its checkpoints (per expert).
-    Tensors may share storage with the model's."""
-    cfg = model.cfg
-    family = family or default_family(cfg)
-    fam = FAMILIES[family]
-    state = model.state_dict()
-    rules = model_rules(cfg, fam, [k for k in state if k.startswith("visual.")],
-                        fused_experts=lambda prefix: fused_experts)
-    check_rules_cover(rules, state)
-    out: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for r in rules:
-            out.update(zip(r.theirs, r.to_theirs([state[k] for k in r.ours])))
-    return model_to_hf_config(cfg, family, dtype="float32"), out
+def plan_shards(group_bytes: list[int], max_shard_bytes: int) -> list[list[int]]:
+    """Groups (one rule's tensors each, never split) packed in order into shards of at most
+    max_shard_bytes (a larger group gets a shard of its own)."""
+    shards: list[list[int]] = [[]]
+    size = 0
+    for i, nbytes in enumerate(group_bytes):
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += nbytes
+    return shards
