@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 from train import checkpoint as ckpt
+from train.checkpoint import save_load
 from train.main import main
 from train.trainer import Trainer
 
@@ -113,18 +114,18 @@ def test_full_disk_says_so_and_a_restart_after_freeing_space_works(tmp_path, sma
 
     # 2. The disk fills up while the save writes (another process): torch's writer fails with
     # "unexpected pos ..."; the error still names the full disk, and the partial save is removed.
-    real_save = ckpt.dcp.save
+    real_save = save_load.dcp.save
 
     def save_while_filling(*a, **k):
         fill(small_disk, 64 << 10, "other_process")
         return real_save(*a, **k)
 
-    monkeypatch.setattr(ckpt.dcp, "save", save_while_filling)
+    monkeypatch.setattr(save_load.dcp, "save", save_while_filling)
     t = Trainer(load_config(args), tmp_path / "run")
     with pytest.raises(ckpt.DiskFullError, match=r"does not fit .*\(the write failed: "):
         t.fit()
     assert not list(ck.glob(".tmp_step_*"))
-    monkeypatch.setattr(ckpt.dcp, "save", real_save)
+    monkeypatch.setattr(save_load.dcp, "save", real_save)
     (small_disk / "other_process").unlink()
 
     # 3. A save cut off by a crash (kill -9) holds most of the disk: the restart removes it first.
