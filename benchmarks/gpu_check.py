@@ -28,6 +28,7 @@ Everything stops at --total-s (default 480 s): a run ends early, a part not star
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -167,47 +168,51 @@ def masked_sdpa(q, k, v, cu) -> torch.Tensor:
 def check_attention(device, tiny: bool, deadline: float = math.inf) -> list[dict]:
     """Each backend of model.attn_backend against masked SDPA on packed documents: the forward's
     and dq's max abs error, fwd+bwd ms of both (35B-A3B shapes: 16 q / 2 kv heads of 256)."""
-    from model.attention_backend import packed_attention
-
     shapes = [(256, 4, 2, 32)] if tiny else [(4096, 16, 2, 256), (32768, 16, 2, 256)]
     rows = []
-    for t, h, hkv, d in shapes:
-        q, k, v, cu = attention_inputs(device, t, h, hkv, d)
-        grad = torch.randn_like(q)
-
-        def fwd_bwd(fn):
-            for x in (q, k, v):
-                x.grad = None
-            out = fn(q, k, v, cu)
-            out.backward(grad)
-            return out.detach().float(), q.grad.detach().float()
-
-        ref_out, ref_dq = fwd_bwd(masked_sdpa)
-        t_ref = timed(lambda: fwd_bwd(masked_sdpa), device, 3)
-        shape = f"T={t} docs={len(cu) - 1} H={h}/{hkv} d={d}"
-        rows.append(row("attention", f"masked SDPA T={t}", "ok", fwd_bwd_ms=1e3 * t_ref, shape=shape))
-        for backend in ("sdpa", "flex", "varlen"):
-            name = f"{backend} T={t}"
-            if backend != "sdpa" and device.type != "cuda":
-                rows.append(row("attention", name, "skipped: needs CUDA"))
-                continue
-            why = out_of_time(deadline, 30)
-            if why:
-                rows.append(row("attention", name, why))
-                continue
-
-            def one(b=backend, nm=name) -> list[dict]:
-                fn = lambda q, k, v, cu: packed_attention(q, k, v, cu, backend=b)  # noqa: E731
-                out, dq = fwd_bwd(fn)  # the first call compiles (flex)
-                ms = 1e3 * timed(lambda: fwd_bwd(fn), device, 3)
-                return [row("attention", nm, "ok", fwd_bwd_ms=ms, speedup_vs_masked=t_ref * 1e3 / ms,
-                            max_abs_err=float((out - ref_out).abs().max()),
-                            dq_max_abs_err=float((dq - ref_dq).abs().max()), shape=shape)]
-
-            rows += guarded("attention", name, one)
-        del q, k, v, grad, ref_out, ref_dq
-        if device.type == "cuda":
+    for shape in shapes:
+        rows += attention_rows(device, *shape, deadline)
+        if device.type == "cuda":  # this shape's tensors are gone: free them before the next
             torch.cuda.empty_cache()
+    return rows
+
+
+def attention_rows(device, t: int, h: int, hkv: int, d: int, deadline: float) -> list[dict]:
+    from model.attention_backend import packed_attention
+
+    q, k, v, cu = attention_inputs(device, t, h, hkv, d)
+    grad = torch.randn_like(q)
+
+    def fwd_bwd(fn):
+        for x in (q, k, v):
+            x.grad = None
+        out = fn(q, k, v, cu)
+        out.backward(grad)
+        return out.detach().float(), q.grad.detach().float()
+
+    ref_out, ref_dq = fwd_bwd(masked_sdpa)
+    t_ref = timed(lambda: fwd_bwd(masked_sdpa), device, 3)
+    shape = f"T={t} docs={len(cu) - 1} H={h}/{hkv} d={d}"
+    rows = [row("attention", f"masked SDPA T={t}", "ok", fwd_bwd_ms=1e3 * t_ref, shape=shape)]
+    for backend in ("sdpa", "flex", "varlen"):
+        name = f"{backend} T={t}"
+        why = ("skipped: needs CUDA" if backend != "sdpa" and device.type != "cuda"
+               else out_of_time(deadline, 30))
+        if why:
+            rows.append(row("attention", name, why))
+            continue
+
+        def one(b=backend, nm=name) -> list[dict]:
+            def fn(q, k, v, cu):
+                return packed_attention(q, k, v, cu, backend=b)
+
+            out, dq = fwd_bwd(fn)  # the first call compiles (flex)
+            ms = 1e3 * timed(lambda: fwd_bwd(fn), device, 3)
+            return [row("attention", nm, "ok", fwd_bwd_ms=ms, speedup_vs_masked=t_ref * 1e3 / ms,
+                        max_abs_err=float((out - ref_out).abs().max()),
+                        dq_max_abs_err=float((dq - ref_dq).abs().max()), shape=shape)]
+
+        rows += guarded("attention", name, one)
     return rows
 
 
@@ -299,7 +304,7 @@ def train_run(name: str, overrides: list[str], steps: int, budget_s: float, devi
             out["vs_megatron"] = tflops / MEGATRON_TFLOPS
         rows = [out]
         if profile:
-            rows += guarded("profile", name, lambda: profile_steps(trainer, device, name))
+            rows += guarded("profile", name, functools.partial(profile_steps, trainer, device, name))
         del trainer
     gc.collect()  # the model and optimizer state go before the next run builds its own
     if device.type == "cuda":

@@ -25,6 +25,8 @@ from parallel.distributed import sum_over
 from parallel.grads import global_grad_norm, match_grad_placements
 
 LOGGED = ("loss", "ce", "mtp_ce", "moe_aux", "moe_z")
+# What LocalRunner.forward_backward keeps of each micro-batch's output for `step` to read.
+RECORDED = LOGGED + ("ce_after_vision", "ce_text", "num_tokens_after_vision", "num_tokens_text")
 
 
 class StepRunner:
@@ -113,9 +115,8 @@ class LocalRunner(StepRunner):
                                  cu_seqlens=b["cu_seqlens"].to(self.device),
                                  labels=b["labels"].to(self.device), **visual)
             (out.loss * weight).backward()
-            names = LOGGED + ("ce_after_vision", "ce_text", "num_tokens_after_vision", "num_tokens_text")
             records.append((weight, {n: v.detach() if isinstance(v, torch.Tensor) else v
-                                     for n in names if (v := getattr(out, n)) is not None}))
+                                     for n in RECORDED if (v := getattr(out, n)) is not None}))
         return records
 
     def step(self, micro_batches: list[dict], total_tokens: int) -> tuple[dict[str, float], dict[str, list]]:

@@ -27,10 +27,10 @@ from model.hf.config_map import (FAMILIES, Family, default_family, family_of, hf
                                  model_to_hf_config)
 from model.hf.weights import Rule, check_rules_cover, expected_hf_shapes, model_rules
 from model.params import build_meta
-from train.checkpoint.commit import checksum_files, write_record
+from train.checkpoint.commit import checksum_files, fsync_dir, write_record
 from train.checkpoint.hf_dcp import dcp_model_shapes, find_run_config, load_dcp_tensors, save_dcp_lazily
 from train.checkpoint.hf_files import (INDEX, SIDE_FILES, SINGLE, HFReader, SafetensorsWriter,
-                                       dtype_name, fsync_dir)
+                                       dtype_name)
 
 MODEL_YAML = Path("configs") / "model" / "hf.yaml"
 HF_CONFIG = "hf_config.json"

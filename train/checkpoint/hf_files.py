@@ -134,11 +134,3 @@ class SafetensorsWriter:
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
