@@ -111,6 +111,8 @@ class GroupedExperts(nn.Module):
 
 
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# F.grouped_mm where this torch makes it public; older releases have only torch._grouped_mm.
+grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
 
 
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -125,7 +127,7 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torc
     if x.shape[0] == 0:  # no rows (an expert-parallel rank that received none); keeps w in the graph
         return x @ w[0].T
     if x.dtype in GROUPED_MM_DTYPES:
-        return F.grouped_mm(x, w.transpose(1, 2), offs=offs)
+        return grouped_mm(x, w.transpose(1, 2), offs=offs)
     # float64 (reference and gradient checks only): grouped_mm has no kernel, split per expert.
     sizes = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
     return torch.cat([xe @ we.T for xe, we in zip(x.split(sizes), w)])

@@ -32,7 +32,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from model.moe import GROUPED_MM_DTYPES, GroupedExperts, grouped_matmul
+from model.moe import GROUPED_MM_DTYPES, GroupedExperts, grouped_matmul, grouped_mm
 from train.fp8_config import PrecisionConfig
 from train.fp8_quant import (E4M3, E5M2, Fp8Format, group_amax, per_tensor_scale, quantise_blocks_1d,
                              quantise_blocks_2d, quantise_scaled)
@@ -215,7 +215,7 @@ class _Fp8LinearFn(torch.autograd.Function):
 def grouped_wgrad(g: torch.Tensor, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Per-group g_e^T x_e: g [M, N], x [M, K], offs [E] cumulative rows -> [E, N, K]."""
     if g.dtype in GROUPED_MM_DTYPES:
-        return F.grouped_mm(g.T, x, offs=offs)
+        return grouped_mm(g.T, x, offs=offs)
     sizes = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
     return torch.stack([ge.T @ xe for ge, xe in zip(g.split(sizes), x.split(sizes))])
 
