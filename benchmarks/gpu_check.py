@@ -101,6 +101,15 @@ def fwd_bwd(backend: str, leaves, cu):
     return o.detach().float(), [x.grad.detach().float() for x in leaves]
 
 
+def fwd_bwd_inputs_forward(backend: str, leaves, cu) -> torch.Tensor:
+    from model.ops.gated_delta import chunk_gated_delta_rule
+
+    q, k, v, gate, beta = leaves
+    o, _ = chunk_gated_delta_rule(q, k, v, gate, beta, cu_seqlens=cu, use_qk_l2norm_in_kernel=True,
+                                  backend=backend)
+    return o.float()
+
+
 def timed(fn, device, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -128,6 +137,22 @@ def check_kernels(device, tiny: bool) -> list[dict]:
                            "skipped: fla (flash-linear-attention) not installed")]
     rel = lambda a, b: float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))  # noqa: E731
     names = ("dq", "dk", "dv", "dg", "dbeta")
+
+    from model.ops.gated_delta import fla_backward_refusal
+
+    if why := fla_backward_refusal():  # the forward alone still compares and times
+        def fwd(backend):
+            with torch.no_grad():
+                return fwd_bwd_inputs_forward(backend, leaves, cu)
+
+        def fla_fwd_row() -> list[dict]:
+            o_fla = fwd("fla")
+            t_fla, t_ref = timed(lambda: fwd("fla"), device, 5), timed(lambda: fwd("torch"), device, 3)
+            return [row("kernel", "gated delta: fla fwd only", "ok", fwd_ms=1e3 * t_fla, shape=shape,
+                        speedup_vs_torch=t_ref / t_fla, out_max_rel_err=rel(o_fla, o_ref)),
+                    row("kernel", "gated delta: fla fwd+bwd", f"skipped: {why}")]
+
+        return rows + guarded("kernel", "gated delta: fla fwd only", fla_fwd_row)
 
     def fla_row() -> list[dict]:
         o_fla, g_fla = fwd_bwd("fla", leaves, cu)  # the first call compiles the kernels
@@ -411,7 +436,7 @@ def check_smoke(device, steps: int, timeout_s: float, deadline: float = math.inf
 
 # ---- report ---------------------------------------------------------------------------------------------
 
-COLUMNS = ("part", "name", "status", "batch", "steps", "step_ms", "fwd_bwd_ms", "ms_per_step", "share",
+COLUMNS = ("part", "name", "status", "batch", "steps", "step_ms", "fwd_bwd_ms", "fwd_ms", "ms_per_step", "share",
            "tokens_per_s", "model_tflops", "tflops", "vs_megatron", "mfu", "loss_first", "loss_last5",
            "loss_last", "speedup_vs_bf16", "loss_last5_vs_bf16", "speedup_vs_torch", "speedup_vs_masked",
            "max_abs_err", "dq_max_abs_err",
@@ -471,6 +496,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     deadline = t0 + args.total_s
     rows: list[dict] = []
+    if "train" in parts:  # first: the headline rows must not be the ones --total-s skips
+        rows += check_training(device, args.tiny, args.steps, args.budget_s,
+                               [r for r in args.recipes.split(",") if r], deadline, args.profile)
     if "kernel" in parts:
         rows += guarded("kernel", "gated delta", lambda: check_kernels(device, args.tiny))
     if "attention" in parts:
@@ -478,9 +506,6 @@ def main(argv=None) -> int:
                         lambda: check_attention(device, args.tiny, deadline))
     if "moe" in parts:
         rows += guarded("moe", "MoE block", lambda: check_moe(device, args.tiny))
-    if "train" in parts:
-        rows += check_training(device, args.tiny, args.steps, args.budget_s,
-                               [r for r in args.recipes.split(",") if r], deadline, args.profile)
     if "smoke" in parts:
         rows += check_smoke(device, args.smoke_steps, timeout_s=120, deadline=deadline)
     header = machine_line() + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else "")

@@ -19,6 +19,7 @@ boundaries over the key stream. Causal: query i sees key j iff j <= i and both l
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -186,5 +187,13 @@ def _varlen(q, k, v, bounds, causal, q_start, scale) -> Optional[torch.Tensor]:
     max_q = max(y - x for x, y in zip(cu_q[:-1], cu_q[1:]))
     max_k = max(y - x for x, y in zip(cu_k[:-1], cu_k[1:]))
     as_t = lambda c: torch.tensor(c, dtype=torch.int32, device=q.device)  # noqa: E731
-    return varlen_attn(q, k[k0:q_end], v[k0:q_end], as_t(cu_q), as_t(cu_k), max_q, max_k, scale=scale,
-                       window_size=(-1, 0) if causal else (-1, -1), enable_gqa=q.shape[1] != k.shape[1])
+    k, v = k[k0:q_end], v[k0:q_end]
+    gqa = {}
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in inspect.signature(varlen_attn).parameters:
+            gqa["enable_gqa"] = True
+        else:  # torch <= 2.11: repeat the KV heads (query head i reads KV head i // rep)
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    return varlen_attn(q, k, v, as_t(cu_q), as_t(cu_k), max_q, max_k, scale=scale,
+                       window_size=(-1, 0) if causal else (-1, -1), **gqa)

@@ -18,6 +18,8 @@ everything else (bf16, fp16, fp32) computes in fp32.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -47,6 +49,40 @@ def _load_fla_chunk():
             fla_chunk = None
         _fla_chunk_fn = fla_chunk
     return _fla_chunk_fn
+
+
+def fla_backward_refusal() -> str | None:
+    """Why fla's gated backward would refuse on this machine, or None. fla 0.6 raises in the
+    backward on Hopper with Triton in [3.4, 3.7.1) (wrong gradients, fla issue #640) unless tilelang
+    is installed; "auto" then trains on the PyTorch path instead of failing at the first backward."""
+    try:
+        from importlib.util import find_spec
+
+        from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0
+        from fla.utils import TRITON_ABOVE_3_7_1  # absent in releases that predate the bug
+    except Exception:
+        return None
+    if IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1 and find_spec("tilelang") is None:
+        import triton
+
+        return f"fla's gated backward refuses Triton {triton.__version__} on Hopper (needs >= 3.7.1 or tilelang)"
+    return None
+
+
+_warned_refusal = False
+
+
+def _auto_uses_fla(q: Tensor, leaves) -> bool:
+    """"auto" takes fla on CUDA unless a backward is coming that fla refuses (warned once)."""
+    global _warned_refusal
+    if not q.is_cuda or _load_fla_chunk() is None:
+        return False
+    if torch.is_grad_enabled() and any(x.requires_grad for x in leaves) and (why := fla_backward_refusal()):
+        if not _warned_refusal:
+            _warned_refusal = True
+            warnings.warn(f"{why}: training uses the PyTorch chunked kernel", stacklevel=3)
+        return False
+    return True
 
 
 def _check(q, k, v, g, beta, initial_state, cu_seqlens) -> int:
@@ -116,7 +152,7 @@ def chunk_gated_delta_rule(
     if backend not in _BACKENDS:
         raise ValueError(f"backend={backend!r} must be one of {_BACKENDS}")
     _check(q, k, v, g, beta, initial_state, cu_seqlens)
-    if backend == "fla" or (backend == "auto" and q.is_cuda):
+    if backend == "fla" or (backend == "auto" and _auto_uses_fla(q, (q, k, v, g, beta, initial_state))):
         fla_chunk = _load_fla_chunk()
         if fla_chunk is not None and q.is_cuda:
             if (rep := v.shape[2] // q.shape[2]) > 1:
