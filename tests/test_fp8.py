@@ -303,13 +303,16 @@ def test_bf16_layers_are_bit_identical_with_fp8_elsewhere(name, expect_same):
     assert extra and all(k.endswith(("fp8_amax_history", "fp8_scale")) for k in extra)
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16_autocast"])
 @pytest.mark.parametrize("recipe", ["delayed", "tensorwise", "mxfp8", "blockwise"])
-def test_every_recipe_trains(recipe):
+def test_every_recipe_trains(recipe, bf16):
+    """Also under bf16 autocast with fp32 weights, the GPU trainer's setting (the grouped
+    weight-gradient once met a bf16 gradient and an fp32 saved input there)."""
     torch.manual_seed(0)
     model = Qwen35LM(load_model_config("tiny"))
     fp8, _ = apply_precision(model, PrecisionConfig(backend="emulated", recipe=recipe), CPU)
     ids = torch.randint(0, 1024, (2, 32))
-    with fp8.autocast():
+    with fp8.autocast(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
         out = model(ids, labels=torch.roll(ids, -1, 1))
     out.loss.backward()
     assert torch.isfinite(out.loss)

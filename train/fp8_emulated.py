@@ -234,7 +234,8 @@ class _Fp8GroupedFn(torch.autograd.Function):
         else:
             xc = qz.quantise(x, INPUT, "col", row_groups, e)
             wc = qz.quantise(w, WEIGHT, "col").to(x.dtype)
-        ctx.save_for_backward(xc, wc, offs, row_groups)
+        # Saved in the dtype the forward GEMM ran in (bf16 under autocast, as dy will be).
+        ctx.save_for_backward(xc.to(y.dtype), wc.to(y.dtype), offs, row_groups)
         ctx.qz, ctx.w_dtype = qz, w.dtype
         return y
 
