@@ -347,3 +347,33 @@ def test_fla_matches_torch_path_on_cuda(heads):
     assert_close(s_f, s_t, 1e-2, "final state")
     for name, a, b in zip(NAMES, g_f, g_t):
         assert_close(a, b, 5e-2, name)
+
+
+@pytest.mark.parametrize("hopper,above_3_4,above_3_7_1,tilelang,refuses", [
+    (True, True, False, False, True),    # the H200 image: Triton 3.6
+    (True, True, True, False, False),    # Triton >= 3.7.1
+    (True, True, False, True, False),    # tilelang takes the backward
+    (False, True, False, False, False),  # not Hopper
+])
+def test_fla_backward_refusal_follows_flas_own_condition(monkeypatch, hopper, above_3_4, above_3_7_1,
+                                                         tilelang, refuses):
+    """fla 0.6 raises in chunk_bwd_dqkwg under exactly these flags; 'auto' must see it first."""
+    import importlib.util
+    import sys
+    import types
+
+    from model.ops.gated_delta import fla_backward_refusal
+
+    utils = types.ModuleType("fla.utils")
+    utils.IS_NVIDIA_HOPPER, utils.TRITON_ABOVE_3_4_0, utils.TRITON_ABOVE_3_7_1 = hopper, above_3_4, above_3_7_1
+    monkeypatch.setitem(sys.modules, "fla", types.ModuleType("fla"))
+    monkeypatch.setitem(sys.modules, "fla.utils", utils)
+    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__="3.6.0"))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "tilelang" and tilelang else
+                        (None if name == "tilelang" else real_find_spec(name, *a)))
+    why = fla_backward_refusal()
+    assert (why is not None) == refuses
+    if refuses:
+        assert "Triton 3.6.0" in why and "3.7.1" in why
