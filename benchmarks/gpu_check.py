@@ -103,7 +103,8 @@ def fwd_bwd(backend: str, leaves, cu):
     return o.detach().float(), [x.grad.detach().float() for x in leaves]
 
 
-def fwd_bwd_inputs_forward(backend: str, leaves, cu) -> torch.Tensor:
+def forward_only(backend: str, leaves, cu) -> torch.Tensor:
+    """The kernel's output alone (no graph): o [1, T, H, V] as fp32."""
     from model.ops.gated_delta import chunk_gated_delta_rule
 
     q, k, v, gate, beta = leaves
@@ -126,6 +127,8 @@ def timed(fn, device, repeats: int) -> float:
 
 
 def check_kernels(device, tiny: bool) -> list[dict]:
+    from model.ops.gated_delta import fla_backward_refusal
+
     leaves, cu = kernel_inputs(device, tiny)
     o_ref, g_ref = fwd_bwd("torch", leaves, cu)
     t_torch = timed(lambda: fwd_bwd("torch", leaves, cu), device, 3)
@@ -139,13 +142,10 @@ def check_kernels(device, tiny: bool) -> list[dict]:
                            "skipped: fla (flash-linear-attention) not installed")]
     rel = lambda a, b: float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))  # noqa: E731
     names = ("dq", "dk", "dv", "dg", "dbeta")
-
-    from model.ops.gated_delta import fla_backward_refusal
-
     if why := fla_backward_refusal():  # the forward alone still compares and times
         def fwd(backend):
             with torch.no_grad():
-                return fwd_bwd_inputs_forward(backend, leaves, cu)
+                return forward_only(backend, leaves, cu)
 
         def fla_fwd_row() -> list[dict]:
             o_fla = fwd("fla")
@@ -455,8 +455,9 @@ def check_smoke(device, steps: int, timeout_s: float, deadline: float = math.inf
 
 # ---- report ---------------------------------------------------------------------------------------------
 
-COLUMNS = ("part", "name", "status", "batch", "steps", "step_ms", "fwd_bwd_ms", "fwd_ms", "ms_per_step", "share",
-           "tokens_per_s", "model_tflops", "tflops", "vs_megatron", "mfu", "loss_first", "loss_last5",
+COLUMNS = ("part", "name", "status", "batch", "steps", "step_ms", "fwd_bwd_ms", "fwd_ms", "ms_per_step",
+           "share", "tokens_per_s", "model_tflops", "tflops", "vs_megatron", "mfu", "loss_first",
+           "loss_last5",
            "loss_last", "speedup_vs_bf16", "loss_vs_bf16", "speedup_vs_torch", "speedup_vs_masked",
            "max_abs_err", "dq_max_abs_err",
            "out_max_rel_err", "dq_max_rel_err", "dg_max_rel_err", "peak_mem_gb")

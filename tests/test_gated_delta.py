@@ -330,7 +330,8 @@ def _fla_available() -> bool:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _fla_available(), reason="needs CUDA and flash-linear-attention with a working backward")
+@pytest.mark.skipif(not _fla_available(),
+                    reason="needs CUDA and flash-linear-attention with a working backward")
 @pytest.mark.parametrize("heads", [(2, 2), (1, 2)])
 def test_fla_matches_torch_path_on_cuda(heads):
     """The dispatch target (fla's Triton kernel) and our PyTorch path agree, packed documents included."""
@@ -365,7 +366,8 @@ def test_fla_backward_refusal_follows_flas_own_condition(monkeypatch, hopper, ab
     from model.ops.gated_delta import fla_backward_refusal
 
     utils = types.ModuleType("fla.utils")
-    utils.IS_NVIDIA_HOPPER, utils.TRITON_ABOVE_3_4_0, utils.TRITON_ABOVE_3_7_1 = hopper, above_3_4, above_3_7_1
+    utils.IS_NVIDIA_HOPPER, utils.TRITON_ABOVE_3_4_0 = hopper, above_3_4
+    utils.TRITON_ABOVE_3_7_1 = above_3_7_1
     monkeypatch.setitem(sys.modules, "fla", types.ModuleType("fla"))
     monkeypatch.setitem(sys.modules, "fla.utils", utils)
     monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__="3.6.0"))

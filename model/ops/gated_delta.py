@@ -65,7 +65,8 @@ def fla_backward_refusal() -> str | None:
     if IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1 and find_spec("tilelang") is None:
         import triton
 
-        return f"fla's gated backward refuses Triton {triton.__version__} on Hopper (needs >= 3.7.1 or tilelang)"
+        return (f"fla's gated backward refuses Triton {triton.__version__} on Hopper "
+                "(needs >= 3.7.1 or tilelang)")
     return None
 
 
