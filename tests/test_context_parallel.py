@@ -1,7 +1,7 @@
 """Context parallelism against one process, in float64: the Gated DeltaNet state passing alone, then
 three AdamW steps of whole models (losses within 1e-10, gathered gradients within 1e-8 of each
 tensor's largest element) under cp=2,
-cp=4 and cp composed with tp, ep and pp. Documents of lengths 1, 63, 64, 65, one spanning every
+cp=4 and cp composed with tp, ep and pp (GPipe, and 1F1B / interleaved 1F1B with 4 micro-batches). Documents of lengths 1, 63, 64, 65, one spanning every
 rank, documents ending exactly on a slice boundary; the multimodal model with an image and a video
 whose visual tokens straddle the slice boundaries; an MTP block, whose shifted targets cross them."""
 
@@ -29,11 +29,18 @@ STEPS = 3
 TEXT_DOCS = [[1, 63, 64, 65, 63], [256], [30, 200, 26]]   # per step, one row of 256 tokens
 
 
-def text_batch(step: int, vocab: int) -> dict:
-    g = torch.Generator().manual_seed(step)
+def text_batch(step: int, vocab: int, seed: int | None = None) -> dict:
+    g = torch.Generator().manual_seed(step if seed is None else seed)
     docs = [SimpleNamespace(input_ids=torch.randint(16, vocab, (n - 1,), generator=g).tolist(),
-                            images=[], videos=[]) for n in TEXT_DOCS[step]]
+                            images=[], videos=[]) for n in TEXT_DOCS[step % len(TEXT_DOCS)]]
     return model_inputs(pack(docs, 256))
+
+
+def step_batches(step: int, cfg, microbatches: int) -> list[dict]:
+    """The step's micro-batches: the step's own batch, then text batches of the other layouts."""
+    first = vision_batch(step) if cfg.vision is not None else text_batch(step, cfg.vocab_size)
+    return [first] + [text_batch(step + i, cfg.vocab_size, seed=100 * i + step)
+                      for i in range(1, microbatches)]
 
 
 def vision_batch(step: int) -> dict:
@@ -75,7 +82,12 @@ def as_double(batch: dict) -> dict:
     return {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
 
 
-def check_cp_layout(rank: int, world: int, sizes: dict, model_name: str) -> None:
+NAMES = ("loss", "ce", "mtp_ce", "moe_aux")
+
+
+def check_cp_layout(rank: int, world: int, sizes: dict, model_name: str, microbatches: int = 1) -> None:
+    """STEPS AdamW steps of `microbatches` micro-batches each (more than one: through the pipeline
+    schedule only) against one process accumulating the same micro-batches, token-weighted."""
     cfg = load_model_config(model_name)
     cfg.mtp_num_layers = 1
     ref = reference_model(cfg)
@@ -83,35 +95,40 @@ def check_cp_layout(rank: int, world: int, sizes: dict, model_name: str) -> None
     pcfg = ParallelConfig(**sizes)
     seq_len = 128 if cfg.vision is not None else 256
     meshes = build_meshes(validate_layout(pcfg, cfg, world, seq_len=seq_len), "cpu")
-    runner = parallelize(model, meshes, pcfg, torch.device("cpu"), num_microbatches=1)
+    assert microbatches == 1 or meshes.pp is not None
+    runner = parallelize(model, meshes, pcfg, torch.device("cpu"), num_microbatches=microbatches)
     model = runner.model
     materialize(model, "cpu", SEED)
     assert not initial_state_mismatches(model, ref), "step 0 weights differ from one process's"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, foreach=False)
     for step in range(STEPS):
-        batch = vision_batch(step) if cfg.vision is not None else text_batch(step, cfg.vocab_size)
+        batches = [{**as_double(b), "num_tokens": int((b["labels"] != -100).sum())}
+                   for b in step_batches(step, cfg, microbatches)]
+        total = sum(b["num_tokens"] for b in batches)
         ref_opt.zero_grad()
-        ref_out = ref(**as_double(batch))
-        ref_out.loss.backward()
+        want = dict.fromkeys(NAMES, 0.0)
+        for b in batches:
+            ref_out = ref(**{k: v for k, v in b.items() if k != "num_tokens"})
+            (ref_out.loss * (b["num_tokens"] / total)).backward()
+            for name in NAMES:
+                want[name] += b["num_tokens"] / total * float(getattr(ref_out, name))
         ref_norm = clip_grad_norm_(list(ref.parameters()), 1.0)
 
         opt.zero_grad()
         if meshes.pp is None:  # the model's own outputs, in float64
-            out = model(**as_double(batch))
+            out = model(**{k: v for k, v in batches[0].items() if k != "num_tokens"})
             out.loss.backward()
-            got = {name: float(getattr(out, name)) for name in ("loss", "ce", "mtp_ce", "moe_aux")}
+            got = {name: float(getattr(out, name)) for name in NAMES}
             tol = 1e-10
         else:  # through the pipeline schedule, whose logged sums are Python floats of fp32
-            mb = {**as_double(batch), "num_tokens": int((batch["labels"] != -100).sum())}
-            got, _ = runner.step([mb], mb["num_tokens"])
+            got, _ = runner.step(batches, total)
             tol = 1e-6
         params = [p for p in model.parameters() if p.grad is not None]
         runner.finish_grads(params)
         norm = clip_grad_norm_(params, 1.0, norm=runner.grad_norm(params))
-        for name in ("loss", "ce", "mtp_ce", "moe_aux"):
-            want = float(getattr(ref_out, name))
-            assert abs(got[name] - want) < tol * max(1.0, abs(want)), (step, name, got[name], want)
+        for name in NAMES:
+            assert abs(got[name] - want[name]) < tol * max(1.0, abs(want[name])), (step, name, got[name], want)
         bad = grad_mismatches(model.named_parameters(), dict(ref.named_parameters()))
         assert not bad, f"step {step} rank {rank}: " + ", ".join(bad)
         assert abs(float(norm) - float(ref_norm)) < 1e-6 * float(ref_norm)
@@ -130,6 +147,14 @@ def check_cp_layout(rank: int, world: int, sizes: dict, model_name: str) -> None
 ], ids=["cp2", "cp4", "cp2-vision", "cp4-vision", "cp2xtp2-vision", "cp2xep2", "cp2xpp2"])
 def test_cp_matches_one_process(world, sizes, model_name):
     run_ranks(world, check_cp_layout, sizes, model_name, timeout_s=300)
+
+
+@pytest.mark.parametrize("schedule,virtual", [("1f1b", 1), ("interleaved_1f1b", 2)])
+def test_cp_through_pipeline_schedules_with_micro_batches(schedule, virtual):
+    """cp2 x pp2 with 4 micro-batches in flight (1F1B's steady state, interleaved stages): each
+    micro-batch's slices travel the pipeline apart and the step still equals one process."""
+    sizes = {"cp": 2, "pp": 2, "pp_schedule": schedule, "pp_virtual_stages": virtual}
+    run_ranks(4, check_cp_layout, sizes, "tiny", 4, timeout_s=300)
 
 
 def check_state_passing(rank: int, world: int) -> None:
