@@ -1,7 +1,7 @@
 """Context parallelism against one process, in float64: the Gated DeltaNet state passing alone, then
 three AdamW steps of whole models (losses within 1e-10, gathered gradients within 1e-8 of each
-tensor's largest element) under cp=2,
-cp=4 and cp composed with tp, ep and pp (GPipe, and 1F1B / interleaved 1F1B with 4 micro-batches). Documents of lengths 1, 63, 64, 65, one spanning every
+tensor's largest element) under cp=2, cp=4 and cp composed with tp, ep and pp (GPipe, and 1F1B /
+interleaved 1F1B with 4 micro-batches). Documents of lengths 1, 63, 64, 65, one spanning every
 rank, documents ending exactly on a slice boundary; the multimodal model with an image and a video
 whose visual tokens straddle the slice boundaries; an MTP block, whose shifted targets cross them."""
 
@@ -128,7 +128,7 @@ def check_cp_layout(rank: int, world: int, sizes: dict, model_name: str, microba
         runner.finish_grads(params)
         norm = clip_grad_norm_(params, 1.0, norm=runner.grad_norm(params))
         for name in NAMES:
-            assert abs(got[name] - want[name]) < tol * max(1.0, abs(want[name])), (step, name, got[name], want)
+            assert abs(got[name] - want[name]) < tol * max(1.0, abs(want[name])), (step, name, got, want)
         bad = grad_mismatches(model.named_parameters(), dict(ref.named_parameters()))
         assert not bad, f"step {step} rank {rank}: " + ", ".join(bad)
         assert abs(float(norm) - float(ref_norm)) < 1e-6 * float(ref_norm)
