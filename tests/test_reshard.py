@@ -124,6 +124,7 @@ EP2 = ("dp2-ep2", 2, ["parallel.dp_shard=2", "parallel.ep=2"])
 DP2 = ("dp2", 2, ["parallel.dp_shard=2"])  # ep=1
 ONE_GA2 = ("one-ga2", 1, ["train.grad_accum=2"])
 PP2 = ("pp2", 2, ["parallel.pp=2", "train.grad_accum=2"])  # the step's 2 micro-batches pipelined
+CP2 = ("cp2", 2, ["parallel.cp=2"])  # logs one process's losses, as tp=2 does
 
 
 def _cached_run(cache, layout, steps: int):
@@ -155,6 +156,7 @@ def cache(tmp_path_factory):
     pytest.param(ONE, TP2, ONE, id="1-to-tp2", marks=pytest.mark.slow),  # the same move backwards
     pytest.param(EP2, DP2, EP2, id="dp2-ep2-to-dp2-ep1"),
     pytest.param(PP2, ONE_GA2, ONE_GA2, id="pp2-to-1"),
+    pytest.param(CP2, ONE, ONE, id="cp2-to-1"),
 ])
 def test_resume_in_another_layout_continues_the_same_losses(tmp_path, cache, old, new, ref):
     """3 steps in the old layout + 3 in the new equal 6 uninterrupted steps (reduction order
