@@ -18,6 +18,7 @@ everything else (bf16, fp16, fp32) computes in fp32.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -51,6 +52,7 @@ def _load_fla_chunk():
     return _fla_chunk_fn
 
 
+@functools.cache  # the answer cannot change within a process; find_spec searches sys.path
 def fla_backward_refusal() -> str | None:
     """Why fla's gated backward would refuse on this machine, or None. fla 0.6 raises in the
     backward on Hopper with Triton in [3.4, 3.7.1) (wrong gradients, fla issue #640) unless tilelang
