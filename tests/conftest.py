@@ -38,3 +38,21 @@ def text_shards(tmp_path_factory) -> str:
         sink.write(key, encode_sample(key, [{"text": f"document {i} " + "word " * (5 + i * 7 % 40)}]))
     sink.close()
     return sink.spec()
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The shipped smoke tokenizer."""
+    from data.tokenizer import load_tokenizer
+
+    return load_tokenizer(None)
+
+
+@pytest.fixture(scope="session")
+def syn(tmp_path_factory):
+    """Directory of 3 synthetic multimodal shards of 24 documents (seed 3): shard-00000{0..2}.tar."""
+    from data.synthetic import write_synthetic
+
+    d = tmp_path_factory.mktemp("syn")
+    write_synthetic(str(d), seed=3, num_shards=3, docs_per_shard=24)
+    return d

@@ -19,7 +19,7 @@ from data.decode import decode_image
 from data.format import DataError, encode_sample, tar_member_bytes
 from data.shards import iter_shard_samples, iter_tar_samples
 from data.synthetic import write_synthetic
-from data.tokenizer import Tokenizer, load_tokenizer
+from data.tokenizer import Tokenizer
 
 SMALL = dict(name="webdataset", seq_len=128, batch_size=4, image_min_pixels=1024,
              video_min_pixels=1024, shuffle_buffer=8)
@@ -157,11 +157,6 @@ def texts_of(loader, tok, limit=50):
         if i >= limit:
             break
     return " ".join(out)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(None)
 
 
 def test_lone_surrogate_and_any_sample_error_are_skipped_and_counted(tmp_path, tok, monkeypatch):

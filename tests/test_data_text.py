@@ -23,11 +23,6 @@ from data.tokenizer import (
 )
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(None)
-
-
 def cfg(**kw):
     base = dict(seq_len=64, batch_size=4, seed=7)
     base.update(kw)
