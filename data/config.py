@@ -77,6 +77,15 @@ class DataConfig:
         validate_data_config(self)
         return self
 
+    @property
+    def visual_token_cap(self) -> int:
+        """Merged visual tokens a packed row may hold: max_visual_tokens, else seq_len // 2."""
+        return self.max_visual_tokens if self.max_visual_tokens is not None else self.seq_len // 2
+
+    def shards_field(self, source: str) -> str:
+        """The config field that names `source`'s shards, for messages."""
+        return f"data.sources.{source}.shards" if self.sources else "data.shards"
+
 
 def fill_vision_defaults(cfg: DataConfig) -> None:
     """The vision fields left null -> VISION_DEFAULTS (the trainer has set them from model.vision

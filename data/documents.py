@@ -84,7 +84,7 @@ class DocumentBuilder:
         self.count = count or (lambda kind: None)
         # The pixel budgets, capped at what a packed row takes (data.max_visual_tokens merged
         # tokens): a photo larger than a row's share is trained on smaller, not dropped.
-        cap = cfg.max_visual_tokens or cfg.seq_len // 2
+        cap = cfg.visual_token_cap
         token_pixels = (cfg.patch_size * cfg.merge_size) ** 2  # pixels per merged token
         self.image_max_pixels = min(cfg.image_max_pixels, cap * token_pixels)
         self.video_max_pixels = min(cfg.video_max_pixels, cap * token_pixels * cfg.temporal_patch_size)

@@ -41,7 +41,7 @@ def heldout_batches(cfg: DataConfig, num_docs: int) -> list[dict]:
                 continue
 
     docs = documents()
-    packer = Packer(cfg.seq_len, cfg.max_visual_tokens or cfg.seq_len // 2, tokenizer.pad_id)
+    packer = Packer(cfg.seq_len, cfg.visual_token_cap, tokenizer.pad_id)
     rows = []
     while (row := packer.next_row(lambda: next(docs, None))) is not None:
         rows.append(row)

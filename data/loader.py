@@ -64,10 +64,10 @@ class _Rows(torch.utils.data.IterableDataset):
     """What each DataLoader worker (or the training process, W = 0) runs: the rows i = start + p +
     W*t of its rank (p its worker id), in chunks; each row as (i, stream, row arrays, stream state)."""
 
-    def __init__(self, cfg: DataConfig, sources: Sources, mine: list[int], states: dict,
+    def __init__(self, cfg: DataConfig, tokenizer, sources: Sources, mine: list[int], states: dict,
                  start: int, workers: int, chunk: int):
-        self.cfg, self.sources, self.mine, self.states = cfg, sources, mine, states
-        self.start, self.workers, self.chunk = start, workers, chunk
+        self.cfg, self.tokenizer, self.sources = cfg, tokenizer, sources
+        self.mine, self.states, self.start, self.workers, self.chunk = mine, states, start, workers, chunk
 
     def __iter__(self) -> Iterator[list[tuple[int, int, dict, dict]]]:
         info = torch.utils.data.get_worker_info()
@@ -75,7 +75,7 @@ class _Rows(torch.utils.data.IterableDataset):
             torch.set_num_threads(1)  # the training process owns the cores
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
         p = 0 if info is None else info.id
-        cfg, tok = self.cfg, load_tokenizer(self.cfg.tokenizer)
+        cfg, tok = self.cfg, self.tokenizer
         try:
             ids = VisionTokenIds.from_tokenizer(tok)
             pads = (ids.image_pad, ids.video_pad)
@@ -113,7 +113,8 @@ class Loader:
         check_layout(cfg, dp_world)
         self.cfg, self.dp_rank, self.dp_world = cfg, dp_rank, dp_world
         self.sources = resolve_sources(cfg)
-        load_tokenizer(cfg.tokenizer)  # fail at start-up on a bad path
+        self.tokenizer = load_tokenizer(cfg.tokenizer)  # fails at start-up on a bad path
+        self.fingerprints = shard_fingerprints(self.sources)  # the sources are fixed from here
         self.mine = list(range(dp_rank, cfg.virtual_streams, dp_world))  # rank row i: mine[i % n]
         self.workers = max(1, cfg.num_workers)
         self.states: dict[int, Optional[dict]] = {v: None for v in self.mine}
@@ -125,8 +126,8 @@ class Loader:
     # ---- iteration -----------------------------------------------------------------------------
 
     def _start(self) -> None:
-        ds = _Rows(self.cfg, self.sources, self.mine, dict(self.states), self.consumed, self.workers,
-                   self.cfg.batch_size)
+        ds = _Rows(self.cfg, self.tokenizer, self.sources, self.mine, dict(self.states), self.consumed,
+                   self.workers, self.cfg.batch_size)
         if self.cfg.num_workers == 0:
             self._it = iter(ds)
         else:
@@ -190,7 +191,7 @@ class Loader:
     def state_dict(self) -> dict[str, Any]:
         """Plain ints, strings, lists and dicts: the global rows consumed and this rank's streams."""
         return {"version": STATE_VERSION, "kind": "streams", **self._identity(),
-                "shard_lists": shard_fingerprints(self.sources),
+                "shard_lists": self.fingerprints,
                 "rows": self.consumed * self.dp_world,
                 "streams": {str(v): s for v, s in self.states.items()}}
 
@@ -234,16 +235,16 @@ class Loader:
         would silently resume elsewhere."""
         if saved is None or self.cfg.allow_changed_shards:
             return
-        here = shard_fingerprints(self.sources)
+        here = self.fingerprints
         for name in sorted(set(saved) & set(here)):
             if saved[name] != here[name]:
-                field = f"data.sources.{name}.shards" if self.cfg.sources else "data.shards"
                 raise ValueError(
-                    f"{field}: the shard list differs from the one the checkpoint was written with "
-                    f"(other files or another order; {len(self.sources[name][0])} shards now): "
-                    f"resuming would not continue where the run stopped; resume with the same "
-                    f"shards, or set data.allow_changed_shards=true to continue at the same "
-                    f"positions of the new list")
+                    f"{self.cfg.shards_field(name)}: the shard list differs from the one the "
+                    f"checkpoint was written with (other files or another order; "
+                    f"{len(self.sources[name][0])} shards now): resuming would not continue "
+                    f"where the run stopped; resume with the same shards, or set "
+                    f"data.allow_changed_shards=true to continue at the same positions of the "
+                    f"new list")
 
 
 def shard_fingerprints(sources: Sources) -> dict[str, str]:
@@ -264,7 +265,7 @@ def resolve_sources(cfg: DataConfig) -> Sources:
         return {"default": (None, 1.0)}
     out: Sources = {}
     for name, (spec, weight) in source_specs(cfg).items():
-        field = f"data.sources.{name}.shards" if cfg.sources else "data.shards"
+        field = cfg.shards_field(name)
         try:
             urls = expand_shards(spec, field)
         except ValueError as missing:

@@ -33,6 +33,11 @@ LOG_FIRST = 10  # per kind and stream, then every LOG_EVERY-th
 LOG_EVERY = 1000
 
 
+def where(raw: dict) -> str:
+    """A raw sample's shard and key, for messages."""
+    return f"{raw.get('__url__')} sample {raw.get('__key__')!r}"
+
+
 class VirtualStream:
     """Stream ``index`` of ``cfg.virtual_streams``. ``sources``: name -> (shard URLs, weight), or
     ``{"default": (None, 1.0)}`` for data.name=synthetic_text. ``next_row()`` -> PackedRow."""
@@ -50,9 +55,7 @@ class VirtualStream:
         self.weights = {name: w for name, (_, w) in sources.items()}
         self.done: set[str] = set()
         self.draws = 0
-        cap = cfg.max_visual_tokens or cfg.seq_len // 2
-        self.packer = Packer(cfg.seq_len, cap, tokenizer.pad_id, on_skip=self._skip)
-        self.rows = 0  # rows made, padding rows of an ended stream included
+        self.packer = Packer(cfg.seq_len, cfg.visual_token_cap, tokenizer.pad_id, on_skip=self._skip)
         self.ended = False
 
     def _reader(self, name: str):
@@ -97,14 +100,13 @@ class VirtualStream:
             if raw is None:
                 self.done.add(name)
                 continue
-            where = f"{raw.get('__url__')} sample {raw.get('__key__')!r}"
             try:
                 doc = self.builder.build(raw, name)
             except BadSample as e:
-                self._skip_sample(name, e.kind, f"{where}: {e}")
+                self._skip_sample(name, e.kind, f"{where(raw)}: {e}")
                 continue
             except Exception as e:  # noqa: BLE001 - no sample may stop the run; each is counted
-                self._skip_sample(name, "sample_error", f"{where}: {type(e).__name__}: {e}")
+                self._skip_sample(name, "sample_error", f"{where(raw)}: {type(e).__name__}: {e}")
                 continue
             self.bad_run[name] = 0
             doc.ref = ref
@@ -120,8 +122,7 @@ class VirtualStream:
             if self.sources[source][0] is None:  # synthetic text
                 given = f"data.name={self.cfg.name!r}"
             else:
-                field = f"data.sources.{source}.shards" if self.cfg.sources else "data.shards"
-                given = f"{field}={source_specs(self.cfg)[source][0]!r}"
+                given = f"{self.cfg.shards_field(source)}={source_specs(self.cfg)[source][0]!r}"
             raise DataError(f"source {source!r} ({given}): {self.bad_run[source]} samples "
                             f"in a row skipped (last: {kind}: {message}); check the data, or raise "
                             f"data.max_consecutive_skips")
@@ -151,7 +152,6 @@ class VirtualStream:
             row = None if self.ended else self.packer.next_row(self.next_doc)
         finally:
             torch.set_num_threads(threads)
-        self.rows += 1
         if row is None:
             self.ended = True
             return padding_row(self.cfg.seq_len, self.tokenizer.pad_id)
@@ -166,7 +166,6 @@ class VirtualStream:
             "carry": None if carry is None else {"source": carry.source, "ref": dict(carry.ref),
                                                  "offset": carry.offset},
             "skipped": dict(self.skipped),
-            "rows": self.rows,
             "ended": int(self.ended),
         }
 
@@ -180,4 +179,4 @@ class VirtualStream:
         self.packer.carry = None if c is None else self._doc_at(c["source"], c["ref"], c["offset"])
         self.draws, self.done = int(sd["draws"]), set(sd["done"])
         self.skipped = Counter(sd["skipped"])
-        self.rows, self.ended = int(sd["rows"]), bool(int(sd["ended"]))
+        self.ended = bool(int(sd["ended"]))

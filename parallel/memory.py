@@ -275,8 +275,7 @@ def spec_from_config(root, device_type: str) -> MemorySpec:
     act = 2 if (fsdp_bf16 or autocast_bf16) else 4
     patches = 0
     if root.model.vision is not None:   # worst case: every row at its visual-token cap
-        cap = d.max_visual_tokens if d.max_visual_tokens is not None else d.seq_len // 2
-        patches = d.batch_size * cap * root.model.vision.spatial_merge_size ** 2
+        patches = d.batch_size * d.visual_token_cap * root.model.vision.spatial_merge_size ** 2
     return MemorySpec(
         micro_batch=d.batch_size, seq_len=d.seq_len, grad_accum=t.grad_accum, act_bytes=act,
         param_bytes=2 if fsdp_bf16 else 4, activation_checkpoint=p.activation_checkpoint,

@@ -31,7 +31,7 @@ def check_inputs(cfg: RootConfig) -> None:
         from data.shards import URL, expand_shards
 
         for name, (spec, _) in source_specs(d).items():
-            field = f"data.sources.{name}.shards" if d.sources else "data.shards"
+            field = d.shards_field(name)
             try:
                 urls = expand_shards(spec, field)
             except ValueError as e:
