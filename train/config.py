@@ -185,7 +185,6 @@ def resolve_hf_model(cfg: RootConfig) -> None:
     if t.init_from:
         raise ConfigError(f"train.init_from={t.init_from!r} and train.init_from_hf={t.init_from_hf!r}: "
                           f"set one (both give the initial weights)")
-    import dataclasses
     import json
 
     from model.hf.config_map import TRAINING_FIELDS, hf_to_model_config, model_config_mismatches

@@ -233,7 +233,7 @@ class _Fp8GroupedFn(torch.autograd.Function):
             xc, wc = xq, wq
         else:
             xc = qz.quantise(x, INPUT, "col", row_groups, e)
-            wc = qz.quantise(w, WEIGHT, "col").to(x.dtype)
+            wc = qz.quantise(w, WEIGHT, "col")
         # Saved in the dtype the forward GEMM ran in (bf16 under autocast, as dy will be).
         ctx.save_for_backward(xc.to(y.dtype), wc.to(y.dtype), offs, row_groups)
         ctx.qz, ctx.w_dtype = qz, w.dtype

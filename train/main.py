@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {error}", file=sys.stderr)
         return 2
 
-    from train.preflight import checkpoint_dir, preflight, remove_stale_saves
+    from train.checkpoint import remove_unfinished
+    from train.preflight import checkpoint_dir, preflight
 
     try:
         preflight(cfg)  # paths read and directories written, before anything is built
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     # config.yaml is written by the trainer once the resume is accepted: a refused resume leaves it.
     setup_logging(run_dir, rank)
     if rank == 0:
-        remove_stale_saves(checkpoint_dir(cfg))
+        remove_unfinished(checkpoint_dir(cfg))
     from data.format import DataError
     from train.checkpoint import DiskFullError
     from train.preempt import Stopped

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import socket
 from pathlib import Path
 
@@ -36,16 +35,13 @@ def check_inputs(cfg: RootConfig) -> None:
                 urls = expand_shards(spec, field)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-            for url in urls:
-                path = url[5:] if url.startswith("file:") else url
-                if URL.match(url) and not url.startswith("file:"):
-                    continue  # pipe:, http:, s3: ... are opened when read
+            for path in (u for u in urls if not URL.match(u)):  # pipe:, s3: ... open when read
                 if not os.path.isfile(path) or not os.access(path, os.R_OK):
                     raise ConfigError(f"{field}={spec!r}: shard {path!r} is not a readable file")
     if d.tokenizer:
         from data.tokenizer import load_tokenizer
 
-        if not os.path.isfile(d.tokenizer):
+        if not os.path.isfile(os.path.expanduser(d.tokenizer)):  # as load_tokenizer reads it
             raise ConfigError(f"data.tokenizer={d.tokenizer!r}: no such file")
         try:
             load_tokenizer(d.tokenizer)
@@ -75,14 +71,6 @@ def check_writable(field: str, directory: Path) -> None:
     except OSError as e:
         raise ConfigError(f"{field}={str(directory)!r}: cannot write there "
                           f"({type(e).__name__}: {e.strerror or e})") from None
-
-
-def remove_stale_saves(ckpt_dir: Path) -> None:
-    """Remove `.tmp_step_*` left by a save that did not finish (crash, kill, full disk): they are
-    never resumed from and may hold the space the next save needs."""
-    for tmp in sorted(ckpt_dir.glob(".tmp_step_*")):
-        shutil.rmtree(tmp, ignore_errors=True)
-        log.info("removed %s, an unfinished checkpoint save of an earlier attempt", tmp)
 
 
 def preflight(cfg: RootConfig) -> None:

@@ -368,7 +368,7 @@ class Trainer:
                 record["mfu"] = (self.flops_per_token * record["tokens_per_s"]
                                  / (self.peak_flops * self.world))
                 history.append(record)
-                if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.max_steps:
+                if self._logged(self.step):
                     metrics.log(record)
                     if self.is_main:
                         log.info(console_line(record, cfg.train.max_steps))
@@ -379,12 +379,11 @@ class Trainer:
                 if signum is not None and self.step < cfg.train.max_steps:
                     # Preemption: Slurm sends SIGTERM, then SIGKILL after its KillWait (30 s by
                     # default), so save now, not at the next interval.
-                    path = self.save() if last_saved != self.step else ckpt.latest_checkpoint(
-                        self.ckpt_dir)
+                    if last_saved != self.step:
+                        self.save()
                     if self.async_ckpt is not None:  # committed before the process exits
                         self.async_ckpt.wait()
-                        path = ckpt.latest_checkpoint(self.ckpt_dir)
-                    raise Stopped(signum, self.step, path)
+                    raise Stopped(signum, self.step, ckpt.latest_checkpoint(self.ckpt_dir))
             if watchdog is not None:
                 watchdog.begin("the final checkpoint save and report")
             if (cfg.checkpoint.save_final or self.step < cfg.train.max_steps) \

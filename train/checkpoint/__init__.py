@@ -12,11 +12,12 @@ parallelised model, import, export). model/hf holds the name and layout mapping 
 
 from train.checkpoint.commit import MARKER
 from train.checkpoint.save_load import (KEEP, DiskFullError, committed_checkpoints, latest_checkpoint, load_checkpoint,
-                                        load_model_weights, protect_latest, prune, resumable_checkpoint,
+                                        load_model_weights, protect_latest, prune, remove_unfinished,
+                                        resumable_checkpoint,
                                         rng_state, save_checkpoint, set_rng_state, step_dir_name,
                                         training_state, verify_checkpoint, weights_finite)
 
 __all__ = ["KEEP", "DiskFullError", "MARKER", "committed_checkpoints", "latest_checkpoint", "load_checkpoint",
-           "load_model_weights", "protect_latest", "prune", "resumable_checkpoint", "rng_state",
+           "load_model_weights", "protect_latest", "prune", "remove_unfinished", "resumable_checkpoint", "rng_state",
            "save_checkpoint", "set_rng_state", "step_dir_name", "training_state", "verify_checkpoint",
            "weights_finite"]

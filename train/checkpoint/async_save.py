@@ -75,9 +75,6 @@ class AsyncCheckpointer:
         except BaseException as e:  # re-raised on the training thread by wait()
             self._error = e
 
-    def in_flight(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
     def wait(self) -> None:
         """Block until the save in flight (if any) is committed; raise its error if it failed."""
         if self._thread is not None:

@@ -8,12 +8,9 @@ import argparse
 import sys
 import time
 
-import torch
-
 from model.config import ConfigError
 from model.hf.config_map import FAMILIES
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from train.checkpoint.hf_files import HF_DTYPE_NAMES
 
 
 def parse_size(text: str) -> int:
@@ -33,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--hf-dir", required=True, help="config.json + *.safetensors (+ index)")
     imp.add_argument("--out", required=True, help="checkpoint directory to create")
     imp.add_argument("--name", default=None, help="model.name in the config (default: HF dir name)")
-    imp.add_argument("--dtype", choices=DTYPES, default="float32",
+    imp.add_argument("--dtype", choices=HF_DTYPE_NAMES, default="float32",
                      help="stored dtype (default float32: the trainer keeps fp32 master weights)")
     imp.add_argument("--skip-mtp", action="store_true", help="drop mtp.* weights (no MTP head)")
     imp.add_argument("--overwrite", action="store_true")
@@ -44,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="HF class (default: the imported one, else qwen3_5[_moe][_text] by config)")
     exp.add_argument("--model", default=None, help="model config NAME or YAML path when the "
                      "checkpoint has none (default: CKPT/configs/model/hf.yaml or the run's config)")
-    exp.add_argument("--dtype", choices=DTYPES, default=None,
+    exp.add_argument("--dtype", choices=HF_DTYPE_NAMES, default=None,
                      help="default: the dtype of the HF checkpoint the weights came from, else bfloat16")
     exp.add_argument("--max-shard-size", default="5GB")
     exp.add_argument("--fused-experts", action="store_true",
@@ -58,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         if args.cmd == "import":
-            out = import_checkpoint(args.hf_dir, args.out, name=args.name, dtype=DTYPES[args.dtype],
+            out = import_checkpoint(args.hf_dir, args.out, name=args.name, dtype=HF_DTYPE_NAMES[args.dtype],
                                     skip_mtp=args.skip_mtp, overwrite=args.overwrite)
             print(f"imported {args.hf_dir} -> {out} in {time.perf_counter() - start:.1f}s\n"
                   f"train from it (or from the HF directory itself: train.init_from_hf=DIR model=from_hf):\n"
@@ -66,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"'hydra.searchpath=[file://{out.resolve()}/configs]' train.init_from={out.resolve()}")
         else:
             out = export_checkpoint(args.ckpt, args.out, family=args.family, model=args.model,
-                                    dtype=DTYPES.get(args.dtype), max_shard_bytes=parse_size(args.max_shard_size),
-                                    fused_experts=args.fused_experts, skip_mtp=args.skip_mtp,
+                                    dtype=HF_DTYPE_NAMES.get(args.dtype),
+                                    max_shard_bytes=parse_size(args.max_shard_size), fused_experts=args.fused_experts, skip_mtp=args.skip_mtp,
                                     overwrite=args.overwrite)
             print(f"exported {args.ckpt} -> {out} in {time.perf_counter() - start:.1f}s")
     except (ConfigError, ConversionError, FileExistsError, FileNotFoundError) as e:

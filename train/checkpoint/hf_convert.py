@@ -270,14 +270,9 @@ def _tokenizer_config(tokenizer_json: Path) -> dict:
 
 def export_dtype(ckpt: Path) -> torch.dtype:
     """The dtype of the HF checkpoint the weights were imported from; bfloat16 when there is none."""
-    from train.checkpoint.hf_files import HF_DTYPE_NAMES
+    from train.checkpoint.hf_files import config_dtype
 
-    base = _source_hf_config(ckpt) or {}
-    for c in (base, base.get("text_config") or {}):
-        for f in ("dtype", "torch_dtype"):
-            if c.get(f) in HF_DTYPE_NAMES:
-                return HF_DTYPE_NAMES[c[f]]
-    return torch.bfloat16
+    return config_dtype(_source_hf_config(ckpt) or {}) or torch.bfloat16
 
 
 def export_checkpoint(ckpt: Union[str, Path], out: Union[str, Path], family: Optional[str] = None,

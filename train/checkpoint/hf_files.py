@@ -29,6 +29,15 @@ ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
 HF_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def config_dtype(config: dict) -> Optional[torch.dtype]:
+    """The dtype an HF config.json declares (`dtype` or `torch_dtype`, top level or text_config)."""
+    for c in (config, config.get("text_config") or {}):
+        for f in ("dtype", "torch_dtype"):
+            if c.get(f) in HF_DTYPE_NAMES:
+                return HF_DTYPE_NAMES[c[f]]
+    return None
+
+
 class HFReader:
     """Lazy view of a checkpoint directory's tensors: key -> file from the index (or the single file),
     shapes without reading data, and whole tensors or slices through memory-mapped handles."""
@@ -79,14 +88,6 @@ class HFReader:
         t = sl[tuple(slice(a, b) for a, b in ranges)]
         self.bytes_read += t.numel() * t.element_size()
         return t
-
-    def stored_dtype(self) -> Optional[torch.dtype]:
-        """The dtype config.json declares (`dtype` or `torch_dtype`, top level or text_config)."""
-        for c in (self.config, self.config.get("text_config") or {}):
-            for f in ("dtype", "torch_dtype"):
-                if c.get(f) in HF_DTYPE_NAMES:
-                    return HF_DTYPE_NAMES[c[f]]
-        return None
 
     def close(self) -> None:
         """Drop the open handles: their memory maps go, and with them the mapped pages this

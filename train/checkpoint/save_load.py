@@ -93,21 +93,13 @@ def training_state(model, optimizer, extra: Optional[dict[str, Any]] = None,
     return {"model": model_sd, "optim": optim_sd, _extra_key(): pickle.dumps(extra or {})}
 
 
-def _sum_ranks(n: int) -> int:
+def _gather(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order (one all-gather; [obj] in one process)."""
     if not dist.is_initialized():
-        return n
-    counts = [0] * dist.get_world_size()
-    dist.all_gather_object(counts, n)
-    return sum(counts)
-
-
-def _agree(flag: bool) -> bool:
-    """True on every rank when it is True on any (each rank sees its own free space)."""
-    if not dist.is_initialized():
-        return flag
-    flags = [False] * dist.get_world_size()
-    dist.all_gather_object(flags, bool(flag))
-    return any(flags)
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _layout_record(extra: dict[str, Any]) -> bytes:
@@ -173,9 +165,10 @@ def prepare_dir(ckpt_dir: Path, step: int) -> Path:
 def check_space(state: dict[str, Any], ckpt_dir: Path, step: int) -> None:
     """Raise DiskFullError on every rank when `state` cannot fit in ckpt_dir: the total of every
     rank's shards (checkpoints live on one shared filesystem) against its free space (collective)."""
-    need = _sum_ranks(state_nbytes(state))
-    free = shutil.disk_usage(ckpt_dir).free
-    if _agree(free < need):
+    free = shutil.disk_usage(ckpt_dir).free  # each rank sees its own
+    ranks = _gather((state_nbytes(state), free))
+    need = sum(n for n, _ in ranks)
+    if any(f < need for _, f in ranks):
         raise DiskFullError(_disk_full_message(ckpt_dir, step, need, free))
 
 
@@ -237,8 +230,8 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model, optimizer, extra: di
 
 def weights_finite(model) -> bool:
     """Whether every rank's parameters are all finite (collective: every rank gets the answer)."""
-    ok = all(bool(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all())
-             for p in model.parameters())
+    ok = bool(torch.stack([torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all()
+                           for p in model.parameters()]).all())  # one host read, not one per tensor
     if dist.is_initialized():
         device = next(model.parameters()).device
         flag = torch.tensor([1.0 if ok else 0.0],
@@ -256,7 +249,6 @@ def verify_checkpoint(path: Path) -> Optional[list[str]]:
     rank, world = _rank_world()
     try:
         record = read_record(path)
-        problems: list[str] = []
         files = sorted(record["files"].items()) if record else []
         problems = check_files(path, dict(files[rank::world]))
     except (OSError, ValueError) as e:
@@ -387,11 +379,18 @@ def load_model_weights(path: str | Path, model) -> None:
     set_state_dict(model, [], model_state_dict=model_sd, optim_state_dict={})
 
 
+def remove_unfinished(ckpt_dir: Path) -> None:
+    """Remove `.tmp_step_*` left by a save that did not finish (crash, kill, full disk): they are
+    never resumed from and may hold the space the next save needs."""
+    for tmp in sorted(ckpt_dir.glob(".tmp_step_*")):
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("removed %s, an unfinished checkpoint save", tmp)
+
+
 def prune(ckpt_dir: Path, keep_last: int) -> None:
     """Remove crash leftovers and all but the newest `keep_last` committed checkpoints, except
     those protected by a KEEP file (see protect_latest)."""
-    for leftover in ckpt_dir.glob(".tmp_step_*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    remove_unfinished(ckpt_dir)
     if keep_last > 0:
         for old in committed_checkpoints(ckpt_dir)[:-keep_last]:
             if not (old / KEEP).exists():
