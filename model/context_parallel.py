@@ -31,8 +31,6 @@ from typing import Optional, Protocol
 
 import torch
 
-from model.context import segment_layout
-
 
 class CPComm(Protocol):
     """The collectives context parallelism needs, over the ranks of one CP group."""
@@ -55,6 +53,7 @@ class CPSlice:
     cu_seqlens: [D+1] document boundaries over all N tokens (the keys' layout for attention).
     mtp_targets: per MTP depth k, [1, L] the labels of predicting token i+k+1 at position i.
     after_vision: [1, L] bool (vision models), `after_vision_mask` of the whole micro-batch, sliced.
+    continues: the slice starts inside a document that began on an earlier rank.
     """
 
     comm: CPComm
@@ -64,6 +63,7 @@ class CPSlice:
     cu_seqlens: torch.Tensor
     mtp_targets: list = field(default_factory=list)
     after_vision: Optional[torch.Tensor] = None
+    continues: bool = False
 
     @property
     def rank(self) -> int:
@@ -104,13 +104,6 @@ def flat_slice(x: torch.Tensor, start: int, end: int, fill=0) -> torch.Tensor:
     return out
 
 
-def slice_layout(cu_seqlens: torch.Tensor, batch: int, seqlen: int, start: int,
-                 end: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(doc_ids, pos_in_doc) of the slice, [1, L] each, in the whole micro-batch's numbering."""
-    doc_ids, pos = segment_layout(cu_seqlens, batch, seqlen)
-    return flat_slice(doc_ids, start, end), flat_slice(pos, start, end)
-
-
 # ---- Gated DeltaNet -------------------------------------------------------------------------------
 
 def conv_halo(x: torch.Tensor, pos_in_doc: torch.Tensor, width: int, cp: CPSlice
@@ -121,7 +114,7 @@ def conv_halo(x: torch.Tensor, pos_in_doc: torch.Tensor, width: int, cp: CPSlice
     the taps that reach into an earlier document; on rank 0 the halo is zeros and dropped alike."""
     tails = cp.all_gather(x[0, -width:])                       # [size * width, C]
     if cp.rank == 0:
-        halo = torch.zeros_like(tails[:width]) + tails[:width] * 0  # keeps the gather in the graph
+        halo = tails[:width] * 0  # zeros that keep the gather in the graph
     else:
         halo = tails[(cp.rank - 1) * width: cp.rank * width]
     offsets = torch.arange(-width, 0, device=pos_in_doc.device)

@@ -99,7 +99,7 @@ class GatedDeltaNet(nn.Module):
                                           use_qk_l2norm_in_kernel=True)
         else:  # the state passed from the earlier ranks' slices
             o = gated_delta_cp(chunk_gated_delta_rule, q, k, v, g, beta, ctx.cu_seqlens,
-                               bool(ctx.pos_in_doc[0, 0] > 0), ctx.cp)
+                               ctx.cp.continues, ctx.cp)
         z = self.in_proj_z(x).view(b, t, self.num_v_heads, self.head_v_dim)
         o = self.norm(o.view(b, t, self.num_v_heads, self.head_v_dim), z)
         return self.out_proj(o.reshape(b, t, self.value_dim))

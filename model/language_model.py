@@ -11,8 +11,7 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.context import SequenceContext, segment_layout
-from model.context_parallel import (CPComm, CPSlice, flat_slice, local_cu_seqlens, report,
-                                    slice_layout, slice_range)
+from model.context_parallel import CPComm, CPSlice, flat_slice, local_cu_seqlens, report, slice_range
 from model.decoder import DecoderLayer, MTPBlock
 from model.init import draw_seed, init_model_
 from model.loss import TokenCrossEntropy
@@ -221,15 +220,18 @@ def split_micro_batch(cfg: ModelConfig, rotary: RotaryEmbedding, comm: CPComm,
     if cu_seqlens is None:
         cu_seqlens = default_cu_seqlens(b, t, input_ids.device)
     start, end = slice_range(b * t, comm.rank, comm.size)
-    doc_ids, pos_in_doc = slice_layout(cu_seqlens, b, t, start, end)
+    all_doc_ids, all_pos = segment_layout(cu_seqlens, b, t)  # the whole micro-batch's numbering
+    doc_ids, pos_in_doc = flat_slice(all_doc_ids, start, end), flat_slice(all_pos, start, end)
     if position_ids is None:
-        position_ids = full_position_ids(cfg, input_ids, cu_seqlens, image_grid_thw, video_grid_thw)
+        position_ids = full_position_ids(cfg, input_ids, cu_seqlens, image_grid_thw, video_grid_thw,
+                                         all_pos)
     if position_ids.dim() == 3:  # [3, B, T] -> [3, 1, L]
         pos = position_ids.reshape(3, 1, -1)[:, :, start:end]
     else:
         pos = flat_slice(position_ids, start, end)
     cos, sin = rotary(pos)
-    cp = CPSlice(comm=comm, start=start, end=end, total=b * t, cu_seqlens=cu_seqlens)
+    cp = CPSlice(comm=comm, start=start, end=end, total=b * t, cu_seqlens=cu_seqlens,
+                 continues=bool(pos_in_doc[0, 0] > 0))  # read once here, not in every GDN layer
     local_labels, mtp = None, []
     if labels is not None:
         labels = loss_labels(cfg, input_ids, labels)
@@ -258,16 +260,16 @@ def slice_mtp_embeddings(embed_tokens: nn.Module, part: MicroBatchSlice, emb: to
 
 
 def full_position_ids(cfg: ModelConfig, input_ids: torch.Tensor, cu_seqlens: torch.Tensor,
-                      image_grid_thw: Optional[torch.Tensor] = None,
-                      video_grid_thw: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      image_grid_thw: Optional[torch.Tensor], video_grid_thw: Optional[torch.Tensor],
+                      pos_in_doc: torch.Tensor) -> torch.Tensor:
     """The positions a batch without position_ids gets: M-RoPE (t, h, w) [3, B, T] from the tokens
-    and grids with vision, else the position in the document [B, T]."""
+    and grids with vision, else the position in the document, pos_in_doc [B, T] itself."""
     if cfg.vision is not None:
         v = cfg.vision
         return mrope_position_ids(
             input_ids, image_grid_thw, video_grid_thw, cu_seqlens, image_token_id=v.image_token_id,
             video_token_id=v.video_token_id, spatial_merge_size=v.spatial_merge_size)
-    return segment_layout(cu_seqlens, *input_ids.shape)[1]
+    return pos_in_doc
 
 
 def build_sequence_context(cfg: ModelConfig, rotary: RotaryEmbedding, input_ids: torch.Tensor,
@@ -280,7 +282,8 @@ def build_sequence_context(cfg: ModelConfig, rotary: RotaryEmbedding, input_ids:
         cu_seqlens = default_cu_seqlens(b, t, input_ids.device)
     doc_ids, pos_in_doc = segment_layout(cu_seqlens, b, t)
     if position_ids is None:
-        position_ids = full_position_ids(cfg, input_ids, cu_seqlens, image_grid_thw, video_grid_thw)
+        position_ids = full_position_ids(cfg, input_ids, cu_seqlens, image_grid_thw, video_grid_thw,
+                                         pos_in_doc)
     cos, sin = rotary(position_ids)
     return SequenceContext(cu_seqlens=cu_seqlens, doc_ids=doc_ids, pos_in_doc=pos_in_doc,
                            cos=cos, sin=sin)

@@ -23,8 +23,3 @@ class TokenCrossEntropy(nn.Module):
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(at_least_fp32(logits).flatten(0, 1), labels.flatten(),
                                ignore_index=IGNORE_INDEX, reduction="none").view_as(labels)
-
-
-def mean_over_labels(token_ce: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean of token_ce [B, T] over labels != IGNORE_INDEX; 0 (with a graph) when there is none."""
-    return token_ce.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)

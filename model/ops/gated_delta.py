@@ -80,7 +80,7 @@ def _auto_uses_fla(q: Tensor, leaves) -> bool:
     global _warned_refusal
     if not q.is_cuda or _load_fla_chunk() is None:
         return False
-    if torch.is_grad_enabled() and any(x.requires_grad for x in leaves) and (why := fla_backward_refusal()):
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in leaves) and (why := fla_backward_refusal()):
         if not _warned_refusal:
             _warned_refusal = True
             warnings.warn(f"{why}: training uses the PyTorch chunked kernel", stacklevel=3)
