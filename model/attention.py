@@ -44,11 +44,13 @@ class GatedAttention(nn.Module):
         k = apply_rotary(self.k_norm(k), ctx.cos, ctx.sin)
         # The packed rows as one token stream: documents never cross a row boundary.
         q, k, v = (x.reshape(b * t, x.shape[2], self.head_dim) for x in (q, k, v))
-        q_start, cu_seqlens = 0, ctx.cu_seqlens
+        q_start, bounds = 0, ctx.cu_seqlens
         if ctx.cp is not None:  # context parallel: this rank's queries against every rank's keys
             k, v = ctx.cp.all_gather(torch.stack([k, v], dim=1)).unbind(1)  # one collective
-            q_start, cu_seqlens = ctx.cp.start, ctx.cp.cu_seqlens
-        out = packed_attention(q, k, v, cu_seqlens, causal=True, q_start=q_start,
+            q_start, bounds = ctx.cp.start, ctx.cp.cu_seqlens
+        if ctx.key_bounds is not None:  # the same boundaries, already on the host
+            bounds = ctx.key_bounds
+        out = packed_attention(q, k, v, bounds, causal=True, q_start=q_start,
                                backend=self.attn_backend).view(b, t, self.num_heads, self.head_dim)
         out = out * torch.sigmoid(gate)
         return self.o_proj(out.reshape(b, t, -1))

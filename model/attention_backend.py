@@ -19,6 +19,7 @@ boundaries over the key stream. Causal: query i sees key j iff j <= i and both l
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Optional
 
@@ -142,19 +143,10 @@ _compiled_flex = None
 
 
 def _flex(q, k, v, bounds, causal, q_start, scale) -> torch.Tensor:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
     global _compiled_flex
-    nq, nk = q.shape[0], k.shape[0]
-    lengths = torch.tensor([b - a for a, b in zip(bounds[:-1], bounds[1:])], device=q.device)
-    doc = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths, output_size=nk)
-    doc_q = doc[q_start:q_start + nq]
-
-    def mask_mod(b, h, qi, ki):
-        same = doc_q[qi] == doc[ki]
-        return same & (ki <= qi + q_start) if causal else same
-
-    block_mask = create_block_mask(mask_mod, None, None, nq, nk, device=q.device)
+    block_mask = _flex_block_mask(tuple(bounds), causal, q_start, q.shape[0], k.shape[0], q.device)
     fn = flex_attention
     if q.is_cuda:
         if _compiled_flex is None:
@@ -164,6 +156,44 @@ def _flex(q, k, v, bounds, causal, q_start, scale) -> torch.Tensor:
              v.transpose(0, 1).unsqueeze(0), block_mask=block_mask, scale=scale,
              enable_gqa=q.shape[1] != k.shape[1])
     return out.squeeze(0).transpose(0, 1)
+
+
+# Built once per batch layout, not once per layer: every layer of a forward (and its recompute)
+# attends over the same documents. A few layouts are kept (micro-batches, MTP, the ViT).
+@functools.lru_cache(maxsize=8)
+def _flex_block_mask(bounds: tuple[int, ...], causal: bool, q_start: int, nq: int, nk: int,
+                     device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    lengths = torch.tensor([b - a for a, b in zip(bounds[:-1], bounds[1:])], device=device)
+    doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths, output_size=nk)
+    doc_q = doc[q_start:q_start + nq]
+
+    def mask_mod(b, h, qi, ki):
+        same = doc_q[qi] == doc[ki]
+        return same & (ki <= qi + q_start) if causal else same
+
+    return create_block_mask(mask_mod, None, None, nq, nk, device=device)
+
+
+@functools.lru_cache(maxsize=8)
+def _varlen_plan(bounds: tuple[int, ...], q_start: int, q_end: int, device: torch.device):
+    """(k0, cu_q, cu_k, max_q, max_k): per document, its query segment [max(a, q_start), min(b, q_end))
+    and key segment [a, min(b, q_end)), keys counted from k0 (the first document's start)."""
+    docs = query_documents(list(bounds), q_start, q_end)
+    cu_q, cu_k = [0], [0]
+    for a, b in docs:
+        cu_q.append(cu_q[-1] + min(b, q_end) - max(a, q_start))
+        cu_k.append(cu_k[-1] + min(b, q_end) - a)
+    max_q = max(y - x for x, y in zip(cu_q[:-1], cu_q[1:]))
+    max_k = max(y - x for x, y in zip(cu_k[:-1], cu_k[1:]))
+    as_t = lambda c: torch.tensor(c, dtype=torch.int32, device=device)  # noqa: E731
+    return docs[0][0], as_t(cu_q), as_t(cu_k), max_q, max_k
+
+
+@functools.cache
+def _takes_enable_gqa(fn) -> bool:
+    return "enable_gqa" in inspect.signature(fn).parameters
 
 
 def _varlen(q, k, v, bounds, causal, q_start, scale) -> Optional[torch.Tensor]:
@@ -178,22 +208,14 @@ def _varlen(q, k, v, bounds, causal, q_start, scale) -> Optional[torch.Tensor]:
     if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         return None
     q_end = q_start + q.shape[0]
-    docs = query_documents(bounds, q_start, q_end)
-    k0 = docs[0][0]
-    cu_q, cu_k = [0], [0]
-    for a, b in docs:
-        cu_q.append(cu_q[-1] + min(b, q_end) - max(a, q_start))
-        cu_k.append(cu_k[-1] + min(b, q_end) - a)
-    max_q = max(y - x for x, y in zip(cu_q[:-1], cu_q[1:]))
-    max_k = max(y - x for x, y in zip(cu_k[:-1], cu_k[1:]))
-    as_t = lambda c: torch.tensor(c, dtype=torch.int32, device=q.device)  # noqa: E731
+    k0, cu_q, cu_k, max_q, max_k = _varlen_plan(tuple(bounds), q_start, q_end, q.device)
     k, v = k[k0:q_end], v[k0:q_end]
     gqa = {}
     if q.shape[1] != k.shape[1]:
-        if "enable_gqa" in inspect.signature(varlen_attn).parameters:
+        if _takes_enable_gqa(varlen_attn):
             gqa["enable_gqa"] = True
         else:  # torch <= 2.11: repeat the KV heads (query head i reads KV head i // rep)
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    return varlen_attn(q, k, v, as_t(cu_q), as_t(cu_k), max_q, max_k, scale=scale,
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale,
                        window_size=(-1, 0) if causal else (-1, -1), **gqa)

@@ -52,6 +52,8 @@ class SequenceContext:
     doc_ids, pos_in_doc: [B, T]. cos, sin: [B, T, rotary_dim] fp32.
     cp: under context parallelism, this rank's slice of the token stream (model/context_parallel.py);
     then B == 1, T is the slice's length and the fields above describe the slice alone.
+    key_bounds: the keys' document boundaries as ints (cu_seqlens; cp.cu_seqlens under CP), read
+    to the host once per forward for every attention layer (None: each layer reads them).
     """
 
     cu_seqlens: torch.Tensor
@@ -60,6 +62,7 @@ class SequenceContext:
     cos: torch.Tensor
     sin: torch.Tensor
     cp: Optional["CPSlice"] = None
+    key_bounds: Optional[list[int]] = None
     state: _Accumulators = field(default_factory=_Accumulators)
 
     @property

@@ -243,7 +243,7 @@ def split_micro_batch(cfg: ModelConfig, rotary: RotaryEmbedding, comm: CPComm,
             cp.after_vision = flat_slice(after_vision_mask(visual_token_mask(cfg, input_ids), cu_seqlens),
                                          start, end)
     ctx = SequenceContext(cu_seqlens=local_cu_seqlens(cu_seqlens, start, end), doc_ids=doc_ids,
-                          pos_in_doc=pos_in_doc, cos=cos, sin=sin, cp=cp)
+                          pos_in_doc=pos_in_doc, cos=cos, sin=sin, cp=cp, key_bounds=cu_seqlens.tolist())
     return MicroBatchSlice(ctx=ctx, input_ids=flat_slice(input_ids, start, end), labels=local_labels,
                            span=(start, end + mtp_depth), mtp=mtp)
 
@@ -286,7 +286,7 @@ def build_sequence_context(cfg: ModelConfig, rotary: RotaryEmbedding, input_ids:
                                          pos_in_doc)
     cos, sin = rotary(position_ids)
     return SequenceContext(cu_seqlens=cu_seqlens, doc_ids=doc_ids, pos_in_doc=pos_in_doc,
-                           cos=cos, sin=sin)
+                           cos=cos, sin=sin, key_bounds=cu_seqlens.tolist())
 
 
 def visual_token_mask(cfg: ModelConfig, input_ids: torch.Tensor) -> torch.Tensor:
