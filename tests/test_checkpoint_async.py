@@ -13,14 +13,12 @@ import time
 import torch
 
 from tests.distributed import run_ranks
+from tests.test_checkpoint_trust import FAST
 from train import checkpoint as ckpt
 from train.checkpoint.hf_dcp import dcp_model_shapes, load_dcp_tensors
 from train.main import load_config
 from train.trainer import Trainer
 
-FAST = ["model=tiny", "data.seq_len=32", "data.batch_size=1", "train.device=cpu", "train.autocast=none",
-        "train.warmup_steps=1", "train.peak_flops=1e12", "logging.wandb=disabled",
-        "train.lr_decay_steps=8"]
 
 
 def model_state(path) -> dict[str, torch.Tensor]:

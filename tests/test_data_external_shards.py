@@ -3,7 +3,6 @@ decoding through PyAV and decord."""
 
 import io
 import json
-import tarfile
 from collections import Counter
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 from PIL import Image
 
 from data import build_loader
-from tests.webdataset_helpers import cfg, mp4, stream
+from tests.webdataset_helpers import cfg, mp4, stream, text_shard
 
 
 def test_shards_of_webdatasets_own_writer(tmp_path, tok):
@@ -49,20 +48,14 @@ def test_shards_of_webdatasets_own_writer(tmp_path, tok):
 def test_img2dataset_shards_are_image_caption_documents(tmp_path, tok):
     """The common image-text layout (<key>.jpg + <key>.txt caption + a metadata <key>.json
     without segments, or no JSON) reads as [image, caption] documents."""
-    d = tmp_path / "i2d"
-    d.mkdir()
     meta = json.dumps({"url": "http://example.com/a.jpg", "caption": "ignored", "width": 96}).encode()
     buf = io.BytesIO()
     Image.new("RGB", (96, 64), (200, 30, 30)).save(buf, "JPEG")
-    with tarfile.open(d / "i2d-000000.tar", "w") as t:
-        for key, files in (("000", {"jpg": buf.getvalue(), "txt": b"a red photo", "json": meta}),
-                           ("001", {"jpg": buf.getvalue(), "txt": b"another red photo"}),
-                           ("002", {"json": meta})):  # metadata alone: still invalid
-            for ext, data in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                t.addfile(info, io.BytesIO(data))
-    c = cfg(shards=f"{d}/i2d-000000.tar", epochs=1, shuffle_shards=False)
+    shard = text_shard(tmp_path / "i2d" / "i2d-000000.tar", [
+        ("000", {"jpg": buf.getvalue(), "txt": b"a red photo", "json": meta}),
+        ("001", {"jpg": buf.getvalue(), "txt": b"another red photo"}),
+        ("002", {"json": meta})])  # metadata alone: still invalid
+    c = cfg(shards=shard, epochs=1, shuffle_shards=False)
     pipe = stream(c, tok)
     docs = []
     while (doc := pipe.next_doc()) is not None:
@@ -122,16 +115,10 @@ def test_video_caption_shards_read_as_documents(tmp_path, tok):
     pytest.importorskip("av")
     clip = mp4([np.full((48, 64, 3), 9 * f, np.uint8) for f in range(24)])
     meta = json.dumps({"url": "http://example.com/v.mp4", "duration": 3.0}).encode()
-    d = tmp_path / "v2d"
-    d.mkdir()
-    with tarfile.open(d / "v-000000.tar", "w") as t:
-        for key, files in (("000", {"mp4": clip, "txt": b"a fading clip", "json": meta}),
-                           ("001", {"mp4": clip, "txt": b"the same clip again"})):
-            for ext, data in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                t.addfile(info, io.BytesIO(data))
-    pipe = stream(cfg(shards=f"{d}/v-000000.tar", epochs=1, shuffle_shards=False), tok)
+    shard = text_shard(tmp_path / "v2d" / "v-000000.tar", [
+        ("000", {"mp4": clip, "txt": b"a fading clip", "json": meta}),
+        ("001", {"mp4": clip, "txt": b"the same clip again"})])
+    pipe = stream(cfg(shards=shard, epochs=1, shuffle_shards=False), tok)
     docs = []
     while (doc := pipe.next_doc()) is not None:
         docs.append(doc)

@@ -10,9 +10,8 @@ import torch
 
 from data.config import DataConfig
 from data.loader import build_loader
-from data.tokenizer import load_tokenizer
+from tests.webdataset_helpers import IMG, VID
 
-IMG, VID = 4, 5
 V = 8  # virtual streams: splits over 1, 2, 4 ranks and up to 8 / dp workers
 
 
@@ -118,10 +117,9 @@ def test_resized_loader_continues_the_trajectory(kind, old, new, mm_shards):
     assert_same_rows(first + then, want)
 
 
-def test_resize_mid_epoch_reads_every_document_once(text_shards):
+def test_resize_mid_epoch_reads_every_document_once(text_shards, tok):
     """One epoch of unique documents, 2 ranks for 3 steps, then 4 ranks to the end: each document
     is trained on exactly once (its pieces joined again per stream)."""
-    tok = load_tokenizer(None)
     cfg = DataConfig(name="webdataset", shards=text_shards, seq_len=64, virtual_streams=V, seed=3,
                      epochs=1, shuffle_buffer=4, global_batch_size=8)
     first, states = global_batches(cfg, 2, 1, 3)

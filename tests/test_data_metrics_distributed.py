@@ -2,19 +2,11 @@
 logged `skipped/*` and `data_share/*` are those of both, not rank 0's alone."""
 
 import json
-import tarfile
 from collections import Counter
 
-from data.format import encode_sample, tar_member_bytes
+from data.format import encode_sample
 from tests.distributed import run_ranks
-
-
-def _shard(path, docs):
-    with tarfile.open(path, "w") as tar:
-        for key, files in docs:
-            for ext, data in files.items():
-                tar.addfile(*tar_member_bytes(f"{key}.{ext}", data))
-    return str(path)
+from tests.webdataset_helpers import text_shard
 
 
 def _train(rank, world, tmp):
@@ -57,7 +49,7 @@ def test_skip_counters_and_source_shares_cover_every_rank(tmp_path):
             if src == "a" and r == 1:  # rank 1 alone meets bad samples
                 docs.insert(1, ("bad0", {"json": b"{oops"}))
                 docs.insert(3, ("bad1", {"bin": b"no json"}))  # a lone .txt would be a text doc
-            _shard(tmp_path / f"{src}-{r}.tar", docs)
+            text_shard(tmp_path / f"{src}-{r}.tar", docs)
     run_ranks(2, _train, tmp_path, timeout_s=300)
     last = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
     assert last["skipped/invalid_json"] == 1 and last["skipped/missing_json"] == 1

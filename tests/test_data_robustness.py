@@ -6,7 +6,6 @@ import io
 import shutil
 import signal
 import struct
-import tarfile
 import zlib
 
 import numpy as np
@@ -16,20 +15,13 @@ from PIL import Image
 from data import build_loader
 from data.config import DataConfig, SourceConfig
 from data.decode import decode_image
-from data.format import DataError, encode_sample, tar_member_bytes
+from data.format import DataError, encode_sample
 from data.shards import iter_shard_samples, iter_tar_samples
-from data.synthetic import write_synthetic
 from data.tokenizer import Tokenizer
+from tests.webdataset_helpers import text_shard
 
 SMALL = dict(name="webdataset", seq_len=128, batch_size=4, image_min_pixels=1024,
              video_min_pixels=1024, shuffle_buffer=8)
-
-
-@pytest.fixture(scope="module")
-def syn(tmp_path_factory):
-    d = tmp_path_factory.mktemp("syn")
-    write_synthetic(str(d), seed=3, num_shards=3, docs_per_shard=12)
-    return d
 
 
 def test_resume_with_another_shard_list_is_refused(syn, tmp_path):
@@ -134,19 +126,6 @@ def test_palette_and_grayscale_convert_by_lookup():
 
 
 # ---- hostile samples -----------------------------------------------------------------------------
-
-
-def text_shard(path, docs):
-    """A tar of samples (key, files); a files value that is a str is the text of a document."""
-    sink_dir = path.parent
-    sink_dir.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for key, files in docs:
-            if isinstance(files, str):
-                files = encode_sample(key, [{"text": files}])
-            for ext, data in files.items():
-                tar.addfile(*tar_member_bytes(f"{key}.{ext}", data))
-    return str(path)
 
 
 def texts_of(loader, tok, limit=50):

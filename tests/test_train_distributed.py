@@ -29,12 +29,18 @@ def train(run_dir, nproc: int, *overrides) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> list[dict]:
+    """4 steps in one process: the reference of the tp and cp runs."""
+    return train(tmp_path_factory.mktemp("one"), 1, "train.max_steps=4", "checkpoint.interval=0")
+
+
 @pytest.mark.parametrize("layout", [pytest.param("parallel.tp=2", id="tp2"),
                                     pytest.param("parallel.cp=2", id="cp2")])
-def test_tp_or_cp_run_matches_one_process(tmp_path, layout):
+def test_tp_or_cp_run_matches_one_process(tmp_path, layout, one_process):
     """tp=2 or cp=2 ranks read the data one process reads: same losses, grad norms and expert load
     (fp32); under cp each rank runs half of every row's tokens."""
-    one = train(tmp_path / "one", 1, "train.max_steps=4", "checkpoint.interval=0")
+    one = one_process
     two = train(tmp_path / "two", 2, "train.max_steps=4", "checkpoint.interval=0", layout)
     for key in ("loss", "ce", "mtp_ce", "moe_aux", "grad_norm", "expert_load_imbalance"):
         assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=2e-5), key

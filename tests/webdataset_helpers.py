@@ -3,6 +3,8 @@ an mp4 made on the spot, batch comparison."""
 
 import dataclasses
 import io
+import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ import torch
 from PIL import Image
 
 from data.config import DataConfig
+from data.format import encode_sample, tar_member_bytes
 from data.loader import resolve_sources
 from data.stream import VirtualStream
 
@@ -73,3 +76,15 @@ def mp4(frames: list[np.ndarray], fps: int = 8, gop: int | None = None) -> bytes
         for packet in stream.encode():
             out.mux(packet)
     return buf.getvalue()
+
+
+def text_shard(path, docs) -> str:
+    """A tar of samples (key, files): files {ext: bytes}, or a str, the text of a document."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for key, files in docs:
+            if isinstance(files, str):
+                files = encode_sample(key, [{"text": files}])
+            for ext, data in files.items():
+                tar.addfile(*tar_member_bytes(f"{key}.{ext}", data))
+    return str(path)
