@@ -224,13 +224,11 @@ def _entry(rank: int, world: int, port: int, args: tuple) -> None:
 def spawn_layout(world: int, sizes: dict, vision: str, model_name: str, mtp, rows: int,
                  seq_len: int, steps: int) -> list[dict]:
     """Run `run_layout` on `world` gloo ranks; -> each rank's result."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from common import free_port_hint
+
+    port = free_port_hint()
     with tempfile.TemporaryDirectory() as out:
         args = (sizes, vision, model_name, mtp, rows, seq_len, steps, out)
         mp.spawn(_entry, args=(world, port, args), nprocs=world, join=True)

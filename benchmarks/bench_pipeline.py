@@ -94,13 +94,11 @@ def _entry(rank: int, world: int, port: int, args, case: tuple, out: str) -> Non
 
 
 def spawn_case(args, schedule: str, virtual: int, m: int) -> list[list[dict]]:
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from common import free_port_hint
+
+    port = free_port_hint()
     with tempfile.TemporaryDirectory() as out:
         mp.spawn(_entry, args=(args.pp, port, args, (schedule, virtual, m), out), nprocs=args.pp, join=True)
         return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(args.pp)]

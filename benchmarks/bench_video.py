@@ -5,8 +5,9 @@ the frames and size the budget keeps (data/decode.py), with PyAV and decord.
 
 Writes one H.264 mp4 (libx264, a keyframe every 250 frames, a moving gradient) to a temp dir, then
 decodes it in a fresh process per method and repeat, so that each peak resident memory
-(ru_maxrss) is that method's alone. The budget is experiment=smoke_cpu's data config: 2 frames per
-second, at most 64 frames, at most 768 x 32 x 32 pixels over the kept frames.
+(ru_maxrss) is that method's alone. The budget is the loader's (DocumentBuilder.plan_video) under
+experiment=smoke_cpu: 2 frames per second, at most 64 frames, and the pixels over the kept frames
+capped at what a packed row's visual-token cap takes (256 x 32 x 32 at seq_len 256).
 """
 
 from __future__ import annotations
@@ -28,17 +29,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
-from data.config import DataConfig
 from data.decode import av_frames, decord_frames
-from data.pixels import video_patches_at, video_plan
+from data.documents import DocumentBuilder
+from data.pixels import video_patches_at
+from data.tokenizer import load_tokenizer
+from train.main import load_config
 
 method, path = sys.argv[2], sys.argv[3]
 data = open(path, "rb").read()
-c = DataConfig(video_min_pixels=1024)
-c.patch_size, c.temporal_patch_size, c.merge_size = 16, 2, 2
-plan = lambda total, fps, h, w: video_plan(total, fps, h, w, c.video_fps, 16, 2, 2,
-                                           c.video_min_pixels, c.video_max_pixels,
-                                           c.video_min_frames, c.video_max_frames)
+c = load_config(["experiment=smoke_cpu"]).data
+plan = DocumentBuilder(c, load_tokenizer(c.tokenizer)).plan_video  # the loader's own budget
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
 decoder = av_frames if method.startswith("av") else decord_frames
@@ -50,7 +50,7 @@ else:
     frames, fps, indices, size = decoder(data, None, plan)
 import numpy as np, torch
 x = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)
-vis = video_patches_at(x, indices, size, fps, 16, 2, 2)
+vis = video_patches_at(x, indices, size, fps, c.patch_size, c.temporal_patch_size, c.merge_size)
 dt = time.perf_counter() - t0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"s": dt, "peak_mib": peak / 1024, "base_mib": base / 1024,

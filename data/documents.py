@@ -89,7 +89,8 @@ class DocumentBuilder:
         self.image_max_pixels = min(cfg.image_max_pixels, cap * token_pixels)
         self.video_max_pixels = min(cfg.video_max_pixels, cap * token_pixels * cfg.temporal_patch_size)
 
-    def _video_plan(self, total: int, clip_fps: float, height: int, width: int):
+    def plan_video(self, total: int, clip_fps: float, height: int, width: int):
+        """(kept frame indices, (h, w)) of a clip under this config's budget, capped at a row."""
         c = self.cfg
         return video_plan(total, clip_fps, height, width, c.video_fps, c.patch_size,
                           c.temporal_patch_size, c.merge_size,
@@ -124,7 +125,7 @@ class DocumentBuilder:
             else:
                 try:
                     frames, fps, kept, size = decode_video(seg["video"], seg["key"], seg.get("fps"),
-                                                           self._video_plan)
+                                                           self.plan_video)
                     vis = video_patches_at(frames, kept, size, fps, c.patch_size,
                                            c.temporal_patch_size, merge)
                 except ValueError as e:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm_cluster import LocalSlurm, free_port, unavailable
+from tests.distributed import free_port
+from tests.slurm_cluster import LocalSlurm, unavailable
 from train import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
