@@ -82,7 +82,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 # (frames in the clip, its frame rate, height, width) -> (the frame indices to keep, the
-# (height, width) to give them): data/pixels.py:video_plan, the budget's choice.
+# (height, width) to give them): model/vision_processing.py:video_plan, the budget's choice.
 VideoPlan = Callable[[int, float, int, int], tuple[list[int], tuple[int, int]]]
 # Decode forward to a wanted frame at most this many frames ahead; seek (to the keyframe before
 # it) when it is further.
@@ -134,8 +134,8 @@ def _pillow_frames(data: bytes) -> tuple[list[np.ndarray], float | None]:
 
 
 def _container_frames(data: bytes, fps_hint: float | None, plan: VideoPlan):
-    # PyAV first: on a 40 s 640x480 H.264 clip it took 1.35 s to decord's 2.94 s for the same 64
-    # kept frames (decord seeks to each from its keyframe; BENCHMARKS.md, bench_video.py).
+    # PyAV first, decord where PyAV is missing: on a 40 s 640x480 H.264 clip both took 0.9 s for
+    # the smoke budget's 64 kept frames (BENCHMARKS.md, bench_video.py).
     try:
         return av_frames(data, fps_hint, plan)
     except ImportError:

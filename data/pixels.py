@@ -19,8 +19,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from model.vision_processing import (VisualInput, patch_layout, resize, smart_resize,
-                                     temporal_patch_timestamps, video_frame_indices)
+from model.vision_processing import (VisualInput, patch_layout, resize, smart_resize, video_plan,
+                                     video_to_patches)
 
 
 def patchify_uint8(frames: torch.Tensor, patch_size: int, temporal_patch_size: int,
@@ -63,31 +63,14 @@ def batch_patches(items: list[VisualInput], patch_size: int, temporal_patch_size
     return torch.from_numpy(out.reshape(r, -1))
 
 
-def video_plan(total: int, clip_fps: float, height: int, width: int, sample_fps: Optional[float],
-               patch_size: int, temporal_patch_size: int, merge_size: int, min_pixels: int,
-               max_pixels: int, min_frames: int, max_frames: int) -> tuple[list[int], tuple[int, int]]:
-    """What `process_video` keeps of a clip of ``total`` frames of height x width at ``clip_fps``:
-    (the frame indices sampled at ``sample_fps``, None = all, and the (height, width) it resizes
-    them to within the budget). The decoder (data/decode.py) decodes just these, at this size."""
-    indices = video_frame_indices(total, clip_fps, sample_fps, min_frames, max_frames)
-    size = smart_resize(height, width, patch_size * merge_size, min_pixels, max_pixels,
-                        num_frames=len(indices), temporal_factor=temporal_patch_size)
-    return indices, size
-
-
 def video_patches_at(frames: torch.Tensor, indices: list[int], size: tuple[int, int],
                      clip_fps: float, patch_size: int, temporal_patch_size: int,
                      merge_size: int) -> VisualInput:
     """The kept frames [n, C, h, w] uint8 (at ``size`` already when the decoder scaled them, else
     resized here) of frame ``indices`` -> VisualInput of uint8 patches: `process_video`'s resize,
     temporal padding and patchify, without its normalisation."""
-    if tuple(frames.shape[-2:]) != tuple(size):
-        frames = resize(frames, *size)
-    if pad := -frames.shape[0] % temporal_patch_size:  # an odd count: repeat the last frame
-        frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)])
-    pixels, grid = patchify_uint8(frames, patch_size, temporal_patch_size, merge_size)
-    return VisualInput(pixels, grid, "video",
-                       temporal_patch_timestamps(indices, clip_fps, temporal_patch_size))
+    return video_to_patches(frames, indices, size, clip_fps, patch_size, temporal_patch_size,
+                            merge_size, patchify_fn=patchify_uint8)
 
 
 def video_patches(frames: torch.Tensor, video_fps: float, fps: Optional[float], patch_size: int,

@@ -197,10 +197,23 @@ def process_video(frames: torch.Tensor, video_fps: float, fps: Optional[float] =
                   mean: Sequence[float] = IMAGE_MEAN, std: Sequence[float] = IMAGE_STD) -> VisualInput:
     """Decoded frames [F, C, H, W] at `video_fps` -> VisualInput (kind "video") with grid (t, h, w)
     and one timestamp per temporal patch. fps=None keeps every frame."""
-    indices = video_frame_indices(frames.shape[0], video_fps, fps, min_frames, max_frames)
-    return video_to_patches(frames[indices], indices, video_fps, patch_size, temporal_patch_size,
-                            merge_size, min_pixels, max_pixels,
-                            transform=lambda x: normalize(x, mean, std))
+    indices, size = video_plan(frames.shape[0], video_fps, frames.shape[-2], frames.shape[-1], fps,
+                               patch_size, temporal_patch_size, merge_size, min_pixels, max_pixels,
+                               min_frames, max_frames)
+    return video_to_patches(frames[indices], indices, size, video_fps, patch_size, temporal_patch_size,
+                            merge_size, transform=lambda x: normalize(x, mean, std))
+
+
+def video_plan(total: int, clip_fps: float, height: int, width: int, sample_fps: Optional[float],
+               patch_size: int, temporal_patch_size: int, merge_size: int, min_pixels: int,
+               max_pixels: int, min_frames: int, max_frames: int) -> tuple[list[int], tuple[int, int]]:
+    """What `process_video` keeps of a clip of ``total`` frames of height x width at ``clip_fps``:
+    (the frame indices sampled at ``sample_fps``, None = all, and the (height, width) it resizes
+    them to within the budget). The loader's decoder (data/decode.py) decodes just these."""
+    indices = video_frame_indices(total, clip_fps, sample_fps, min_frames, max_frames)
+    size = smart_resize(height, width, patch_size * merge_size, min_pixels, max_pixels,
+                        num_frames=len(indices), temporal_factor=temporal_patch_size)
+    return indices, size
 
 
 def video_frame_indices(total_frames: int, video_fps: float, fps: Optional[float], min_frames: int,
@@ -211,20 +224,17 @@ def video_frame_indices(total_frames: int, video_fps: float, fps: Optional[float
     return sample_frame_indices(total_frames, video_fps, fps, min_frames, max_frames)
 
 
-def video_to_patches(frames: torch.Tensor, indices: Sequence[int], video_fps: float, patch_size: int,
-                     temporal_patch_size: int, merge_size: int, min_pixels: int, max_pixels: int,
+def video_to_patches(frames: torch.Tensor, indices: Sequence[int], size: tuple[int, int],
+                     video_fps: float, patch_size: int, temporal_patch_size: int, merge_size: int,
                      transform: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
                      patchify_fn: Callable[..., tuple[torch.Tensor, tuple[int, int, int]]] = patchify
                      ) -> VisualInput:
-    """`process_video`'s steps after frame sampling (resize, pad to the temporal patch, patchify):
-    `frames` [len(indices), C, H, W] are the clip's frames at `indices`. `transform` is applied to
-    the resized frames: normalisation, or nothing for data/pixels.py, which keeps uint8 patches
-    (the model normalises them) and patchifies them with its own `patchify_fn` (same signature and
-    result as `patchify`)."""
-    height, width = smart_resize(frames.shape[-2], frames.shape[-1], patch_size * merge_size,
-                                 min_pixels, max_pixels, num_frames=len(indices),
-                                 temporal_factor=temporal_patch_size)
-    x = transform(resize(frames, height, width))
+    """`process_video`'s steps after `video_plan` (resize to `size`, pad to the temporal patch,
+    patchify): `frames` [len(indices), C, h, w] are the clip's frames at `indices` (at `size`
+    already when the decoder scaled them). `transform` is applied to the resized frames:
+    normalisation, or nothing for data/pixels.py, which keeps uint8 patches (the model normalises
+    them) and patchifies them with its own `patchify_fn` (same signature and result as `patchify`)."""
+    x = transform(resize(frames, *size))
     if pad := -x.shape[0] % temporal_patch_size:  # an odd count: repeat the last frame
         x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
     pixels, grid = patchify_fn(x, patch_size, temporal_patch_size, merge_size)
