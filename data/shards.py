@@ -114,13 +114,11 @@ def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
         current: Optional[dict[str, Any]] = None
         done: set[str] = set()
         for name, read in iter_files(open_tar_stream(stream)):
-            key, ext = base_plus_ext(name)
-            if key is None or ext is None or os.path.basename(name).startswith("__"):
+            if (member := sample_member(name)) is None:
                 continue
-            # The same key again with a file it already has: a second sample under that key
-            # (two writers, a concatenated shard), kept rather than merged over the first.
-            again = current is not None and current["__key__"] == key and ext.lower() in current
-            if current is not None and (current["__key__"] != key or again):
+            key, ext = member
+            new, again = starts_sample(current and current["__key__"], current or (), key, ext)
+            if current is not None and new:
                 # A new sample starts: the previous one is complete even if this file is damaged.
                 yield current
                 yielded += 1
@@ -131,7 +129,7 @@ def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
                 current = {"__key__": key, "__url__": url}
                 if key in done and not again:
                     current["__split__"] = True
-            current[ext.lower()] = data
+            current[ext] = data
         if current is not None:
             yield current
             yielded += 1
@@ -145,6 +143,25 @@ def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
             pass
 
 
+def sample_member(name: str) -> Optional[tuple[str, str]]:
+    """(key, lower-case extension) of a tar member that belongs to a sample; None for one that does
+    not (no extension, or a ``__`` file such as webdataset's ``__index__``)."""
+    key, ext = base_plus_ext(name)
+    if key is None or ext is None or os.path.basename(name).startswith("__"):
+        return None
+    return key, ext.lower()
+
+
+def starts_sample(current_key: Optional[str], current_exts, key: str, ext: str) -> tuple[bool, bool]:
+    """Whether file `key.ext` starts a new sample after the current one (`current_key` with
+    extensions `current_exts`; None: no sample yet), and whether it does so as the same key again:
+    a file the key's sample already has starts a second sample under that key (two writers, a
+    concatenated shard), kept rather than merged over the first. The streamed and the indexed
+    readers group by this one rule."""
+    again = current_key == key and ext in current_exts
+    return current_key != key or again, again
+
+
 @functools.lru_cache(maxsize=256)
 def _sample_index(path: str, mtime_ns: int, size: int) -> Optional[list[tuple[str, bool, list]]]:
     """A local tar's samples as (key, split, [(ext, offset, size)]), grouped as iter_tar_samples
@@ -156,16 +173,16 @@ def _sample_index(path: str, mtime_ns: int, size: int) -> Optional[list[tuple[st
     out: list[tuple[str, bool, list]] = []
     done: set[str] = set()
     for name, offset, n in members:
-        key, ext = base_plus_ext(name)
-        if key is None or ext is None or os.path.basename(name).startswith("__"):
+        if (member := sample_member(name)) is None:
             continue
-        # A file the key's sample already has starts a second sample with that key (as above).
-        again = bool(out) and out[-1][0] == key and any(e == ext.lower() for e, _, _ in out[-1][2])
-        if not out or out[-1][0] != key or again:
+        key, ext = member
+        new, again = starts_sample(out[-1][0] if out else None,
+                                   {e for e, _, _ in out[-1][2]} if out else (), key, ext)
+        if new:
             if out:
                 done.add(out[-1][0])
             out.append((key, key in done and not again, []))
-        out[-1][2].append((ext.lower(), offset, n))
+        out[-1][2].append((ext, offset, n))
     return out
 
 
